@@ -1,0 +1,1 @@
+"""Everything between files on disk and the batches the engines consume: sources, splits, checks, slices."""
