@@ -1,0 +1,195 @@
+"""The unified pre-training objective (eq. 11) and the paper's ablation variants."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from bundle.losses.boundary import BoundaryCrossCorrelationLoss
+from bundle.losses.contrastive import DenseContrastiveLoss, MetaLabelContrastiveLoss
+from bundle.losses.mutual_information import ClusterMutualInformationLoss, IMSATLoss
+
+__all__ = ["PretrainingObjective", "VARIANTS"]
+
+#: inputs each term needs (``mask``/``dense_mask`` are optional and not listed).
+TERM_INPUTS: dict[str, tuple[str, ...]] = {
+    "mi": ("p_hat", "p_tilde"),
+    "cc": ("p_hat", "p_tilde", "image"),
+    "con": ("z_a", "z_b", "meta_labels"),
+    "imsat": ("p_hat", "p_tilde"),
+    "dense_con": ("dense_a", "dense_b"),
+}
+
+_OFF = {"mi_weight": 0.0, "cc_weight": 0.0, "con_weight": 0.0, "imsat_weight": 0.0, "dense_con_weight": 0.0}
+
+#: the paper's pre-training variants (Tables 2-4): constructor arguments on top of the defaults.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "ours": {**_OFF, "mi_weight": 1.0, "cc_weight": 1.0, "con_weight": 1.0},
+    "contrast_enc_ours": {**_OFF, "mi_weight": 1.0, "cc_weight": 1.0, "con_weight": 1.0},
+    "iic": {**_OFF, "mi_weight": 1.0, "alpha": 0.0},
+    "mi_only": {**_OFF, "mi_weight": 1.0},
+    "cc_only": {**_OFF, "cc_weight": 1.0},
+    "mi_cc": {**_OFF, "mi_weight": 1.0, "cc_weight": 1.0},
+    "contrast_enc": {**_OFF, "con_weight": 1.0},
+    "imsat": {**_OFF, "imsat_weight": 1.0},
+    "dense_contrast": {**_OFF, "dense_con_weight": 1.0},
+}
+
+
+class PretrainingObjective(nn.Module):
+    """Unified pre-training objective of
+
+        Peng et al., "Boundary-aware Information Maximization for Self-supervised Medical Image Segmentation",
+        Medical Image Analysis 2024, eq. (11):  L = L_con + lambda L_CC + L_MI,
+
+    generalised to a weighted sum of five terms so that the paper's ablations and baselines are one class:
+
+    - ``"mi"``: :class:`ClusterMutualInformationLoss` (alpha) on ``(p_hat, p_tilde)``, averaged over heads;
+    - ``"cc"``: :class:`BoundaryCrossCorrelationLoss` on the heads of ``p_hat`` **and** ``p_tilde`` (both
+      aligned with the transformed image ``image``) in one call, so the edge map is computed once;
+    - ``"con"``: :class:`MetaLabelContrastiveLoss` on ``(z_a, z_b, meta_labels)``;
+    - ``"imsat"``: :class:`IMSATLoss` (imsat_lambda), the mean of its values on ``p_hat`` and ``p_tilde``;
+    - ``"dense_con"``: :class:`DenseContrastiveLoss` on ``(dense_a, dense_b, dense_mask)``.
+
+    A term whose weight is 0 is not computed and its inputs may be None.  Every loss runs in fp32.
+
+    Args:
+        alpha: alpha of L_MI, in [0, 1]. Defaults to 0.5.
+        mi_weight, cc_weight, con_weight, imsat_weight, dense_con_weight: term weights, >= 0 (cc_weight is the
+            paper's lambda). Defaults 1, 1, 1, 0, 0 (the paper's method).
+        temperature: tau of both contrastive losses, > 0. Defaults to 0.07.
+        cc_window: window of L_CC (odd, >= 3). Defaults to 5.
+        cc_edge_power: exponent of the edge magnitude in L_CC, > 0. Defaults to 1.
+        imsat_lambda: weight of the marginal entropy in IMSAT, >= 0. Defaults to 1.
+        mi_symmetric: symmetrise the MI joint as IIC and the authors' code do. Defaults to False (eq. 3-8).
+
+    Raises:
+        ValueError: alpha outside [0, 1], a negative or non-finite weight, all weights 0, or a bad sub-loss option.
+
+    Example::
+
+        >>> objective = PretrainingObjective.from_variant("mi_cc", cc_weight=0.1)
+        >>> p = torch.rand(3, 2, 10, 32, 32).softmax(2)
+        >>> out = objective(p_hat=p, p_tilde=p, image=torch.rand(2, 1, 32, 32))
+        >>> sorted(out)
+        ['cc', 'loss', 'mi']
+    """
+
+    def __init__(
+        self,
+        alpha: float = 0.5,
+        mi_weight: float = 1.0,
+        cc_weight: float = 1.0,
+        con_weight: float = 1.0,
+        imsat_weight: float = 0.0,
+        dense_con_weight: float = 0.0,
+        temperature: float = 0.07,
+        cc_window: int = 5,
+        cc_edge_power: float = 1.0,
+        imsat_lambda: float = 1.0,
+        mi_symmetric: bool = False,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= float(alpha) <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
+        weights = {
+            "mi": mi_weight,
+            "cc": cc_weight,
+            "con": con_weight,
+            "imsat": imsat_weight,
+            "dense_con": dense_con_weight,
+        }
+        for term, weight in weights.items():
+            if not (math.isfinite(float(weight)) and float(weight) >= 0.0):
+                raise ValueError(f"{term}_weight must be a finite number >= 0, got {weight}.")
+        self.weights = {term: float(weight) for term, weight in weights.items()}
+        if not any(self.weights.values()):
+            raise ValueError("all loss weights are 0: at least one of mi/cc/con/imsat/dense_con must be > 0.")
+        self.mi = ClusterMutualInformationLoss(alpha=alpha, symmetric=mi_symmetric)
+        self.cc = BoundaryCrossCorrelationLoss(window=cc_window, edge_power=cc_edge_power)
+        self.con = MetaLabelContrastiveLoss(temperature=temperature)
+        self.imsat = IMSATLoss(weight=imsat_lambda)
+        self.dense_con = DenseContrastiveLoss(temperature=temperature)
+
+    @property
+    def active_terms(self) -> tuple[str, ...]:
+        """Names of the terms with a weight > 0, in the order they are computed."""
+        return tuple(term for term, weight in self.weights.items() if weight > 0.0)
+
+    @classmethod
+    def from_variant(cls, name: str, **overrides: Any) -> PretrainingObjective:
+        """Build one of the paper's variants: ``"ours"``, ``"iic"``, ``"mi_only"``, ``"cc_only"``, ``"mi_cc"``,
+        ``"contrast_enc"``, ``"contrast_enc_ours"`` (= ours), ``"imsat"``, ``"dense_contrast"``; ``overrides``
+        replace any constructor argument.
+
+        Raises:
+            ValueError: unknown variant name or unknown override.
+        """
+        if name not in VARIANTS:
+            raise ValueError(f"unknown variant {name!r}; valid variants: {', '.join(sorted(VARIANTS))}.")
+        valid_args = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        unknown = sorted(set(overrides) - valid_args)
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown} for PretrainingObjective; valid: {sorted(valid_args)}.")
+        return cls(**{**VARIANTS[name], **overrides})
+
+    def forward(
+        self,
+        *,
+        p_hat: torch.Tensor | None = None,
+        p_tilde: torch.Tensor | None = None,
+        image: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        z_a: torch.Tensor | None = None,
+        z_b: torch.Tensor | None = None,
+        meta_labels: torch.Tensor | None = None,
+        dense_a: torch.Tensor | None = None,
+        dense_b: torch.Tensor | None = None,
+        dense_mask: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """
+        Args:
+            p_hat: g(s(T(x))) cluster probabilities ``B,K,H,W`` or ``M,B,K,H,W``.
+            p_tilde: g(T(s(x))), same shape as p_hat.
+            image: ``B,C,H,W`` transformed image T(x) both probability maps are aligned with.
+            mask: optional ``B,1,H,W`` validity mask of T (mi, cc, imsat).
+            z_a, z_b: ``B,D`` global embeddings of the two views; meta_labels: ``B`` integer labels.
+            dense_a, dense_b: ``B,D,G,G`` aligned dense embeddings; dense_mask: optional ``B,1,G,G``.
+
+        Returns:
+            ``{"loss": weighted total, <term>: unweighted value for each active term}`` (0-d fp32 tensors).
+
+        Raises:
+            ValueError: an input needed by an active term is None (names it), or any sub-loss shape error.
+        """
+        given = {
+            "p_hat": p_hat,
+            "p_tilde": p_tilde,
+            "image": image,
+            "z_a": z_a,
+            "z_b": z_b,
+            "meta_labels": meta_labels,
+            "dense_a": dense_a,
+            "dense_b": dense_b,
+        }
+        for term in self.active_terms:
+            missing = [name for name in TERM_INPUTS[term] if given[name] is None]
+            if missing:
+                raise ValueError(f"term {term!r} (weight {self.weights[term]}) needs {', '.join(missing)}, got None.")
+        out: dict[str, torch.Tensor] = {}
+        if self.weights["mi"] > 0:
+            out["mi"] = self.mi(p_hat, p_tilde, mask)
+        if self.weights["cc"] > 0:
+            out["cc"] = self.cc((p_hat, p_tilde), image, mask)
+        if self.weights["con"] > 0:
+            out["con"] = self.con(z_a, z_b, meta_labels)
+        if self.weights["imsat"] > 0:
+            out["imsat"] = (self.imsat(p_hat, mask) + self.imsat(p_tilde, mask)) / 2
+        if self.weights["dense_con"] > 0:
+            out["dense_con"] = self.dense_con(dense_a, dense_b, dense_mask)
+        total = sum(self.weights[term] * value for term, value in out.items())
+        return {"loss": total, **out}
