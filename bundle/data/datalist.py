@@ -1,0 +1,360 @@
+"""The one datalist JSON the configs consume, built from any source, and the splits read back from it.
+
+File format (MONAI decathlon-compatible: ``monai.data.load_decathlon_datalist(path, data_list_key="training")``
+reads it as is)::
+
+    {
+      "training":   [{"image": ..., "label": ..., "scan_id": ..., "patient_id": ..., ...}, ...],
+      "validation": [...],
+      "test":       [...],
+      "labeled":    {"<seed>": {"<count>": [scan_id, ...]}},   # fine-tuning's labeled scans, nested per seed
+      "num_classes": C, "label_names": {"0": "background", ...} | null, "channel": int | null,
+      "source": {"kind": "acdc|msd|folder|datalist", "root": "<absolute path>", ...},
+      "file_hash": sha256 over sorted (path relative to the files' common folder, size) of every file,
+      "split_hash": sha256 over the split assignment and labeled sets,
+      "split_seed": int, "seeds": [...], "labeled_counts": [...], "created_by": "..."
+    }
+
+Paths are stored relative to the datalist file's folder when the file lies inside that folder (so a dataset folder
+that carries its datalist can be moved), and absolute otherwise. :func:`load_split` always returns absolute paths.
+Writing is atomic (a temporary file renamed into place), and every check runs before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from bundle.data.checks import DataCheckError, check_entries
+from bundle.data.sources import SourceScans, detect_source_kind, find_scans, nifti_stem
+from bundle.data.splits import check_splits, choose_labeled, file_hash, split_by_patient, split_hash
+
+__all__ = [
+    "DATALIST_VERSION",
+    "build_datalist",
+    "ensure_datalist",
+    "infer_num_classes",
+    "load_datalist",
+    "load_split",
+    "write_datalist",
+]
+
+DATALIST_VERSION = 1
+SPLITS = ("training", "validation", "test")
+CREATED_BY = "bundle.data.datalist (scripts/make_datalist.py)"
+
+
+def infer_num_classes(entries: Sequence[Mapping[str, Any]]) -> int:
+    """``max label value + 1`` over every label file (each decoded once); used when the layout declares none."""
+    top = 0
+    for e in entries:
+        if "label" in e:
+            top = max(top, int(np.nanmax(np.asanyarray(nib.load(str(e["label"])).dataobj))))
+    return top + 1
+
+
+def _as_int_list(values: Sequence[int] | int | str, name: str) -> list[int]:
+    if isinstance(values, str):
+        values = json.loads(values)
+    if isinstance(values, int | np.integer):
+        values = [int(values)]
+    try:
+        out = [int(v) for v in values]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be a list of integers, got {values!r}.") from e
+    return out
+
+
+def build_datalist(
+    kind: str,
+    root: str | Path,
+    seeds: Sequence[int] = (0, 1, 2),
+    labeled_counts: Sequence[int] = (1, 2, 4),
+    num_val: float | int = 0.1,
+    num_test: float | int = 0.2,
+    split_seed: int = 0,
+    num_classes: int | None = None,
+    channel: int | None = None,
+    image_pattern: str | None = None,
+    label_pattern: str | None = None,
+    patient_regex: str | None = None,
+    check: bool = True,
+) -> dict[str, Any]:
+    """Find the scans of a dataset, split them, choose the labeled subsets, check everything; absolute paths.
+
+    Args:
+        kind: ``"acdc"``, ``"msd"``, ``"folder"``, ``"datalist"`` or ``"auto"`` (see :mod:`bundle.data.sources`).
+        root: dataset folder (or datalist JSON file).
+        seeds: seeds for which labeled subsets are recorded.
+        labeled_counts: numbers of labeled scans recorded per seed (nested sets).
+        num_val: validation scans (count, or fraction of all scans); ignored when the source has a validation split.
+        num_test: test scans (count or fraction); ignored when the source has a test split.
+        split_seed: seed of the patient-level train/validation/test split.
+        num_classes: number of classes C; default: declared by the layout, else max label value + 1.
+        channel: channel of 4D multi-channel images (MSD default 0).
+        image_pattern: folder sources: image pattern with ``{id}``.
+        label_pattern: folder sources: label pattern with ``{id}``.
+        patient_regex: folder sources: regex giving the patient id from the scan id.
+        check: run :func:`~bundle.data.checks.check_entries` on every scan (recommended; reads every file once).
+
+    Raises:
+        DataCheckError: for any problem in the layout, the files, the split sizes or the labeled counts.
+    """
+    seeds = _as_int_list(seeds, "seeds")
+    counts = _as_int_list(labeled_counts, "labeled_counts")
+    src: SourceScans = find_scans(kind, root, channel, image_pattern, label_pattern, patient_regex)
+    if channel is None:
+        channel = src.channel
+    intact = bool(src.splits and src.splits.get("validation") and src.splits.get("test"))
+    if intact and src.splits:
+        splits = {k: [dict(e) for e in src.splits.get(k, [])] for k in SPLITS}
+    elif src.splits:
+        # datalist without validation and/or test: carve what is missing out of its training list
+        given = {k: v for k, v in src.splits.items() if v}
+        carved = split_by_patient(
+            given["training"],
+            num_val=0 if "validation" in given else num_val,
+            num_test=0 if "test" in given else num_test,
+            seed=split_seed,
+        )
+        splits = {k: given.get(k) or carved[k] for k in SPLITS}
+        splits["training"] = carved["training"]
+    else:
+        splits = split_by_patient(src.entries, num_val, num_test, split_seed)
+    all_entries = [e for k in SPLITS for e in splits[k]]
+    if num_classes is None:
+        num_classes = src.num_classes if src.num_classes is not None else infer_num_classes(all_entries)
+    if intact and src.labeled and _same_recorded(src.labeled, seeds, counts):
+        labeled = src.labeled  # a datalist of ours passes straight through, its labeled subsets included
+    else:
+        labeled = choose_labeled(splits["training"], seeds, counts)
+    check_splits(splits, labeled, name=str(root))
+    if check:
+        check_entries(all_entries, num_classes=int(num_classes), require_label=True, channel=channel, name="scans")
+    source: dict[str, Any] = {"kind": src.kind, "root": str(src.root)}
+    source.update({k: v for k, v in src.extra.items() if v is not None})
+    return {
+        "training": splits["training"],
+        "validation": splits["validation"],
+        "test": splits["test"],
+        "labeled": labeled,
+        "num_classes": int(num_classes),
+        "label_names": src.label_names,
+        "channel": channel,
+        "source": source,
+        "file_hash": file_hash(all_entries),
+        "split_hash": split_hash(splits, labeled),
+        "split_seed": int(split_seed),
+        "seeds": sorted(int(s) for s in labeled),
+        "labeled_counts": sorted({int(c) for d in labeled.values() for c in d}),
+        "version": DATALIST_VERSION,
+        "created_by": CREATED_BY,
+    }
+
+
+def _same_recorded(labeled: Mapping[str, Mapping[str, Any]], seeds: Sequence[int], counts: Sequence[int]) -> bool:
+    return all(str(s) in labeled and all(str(c) in labeled[str(s)] for c in counts) for s in seeds)
+
+
+def _relative(path: str, folder: Path) -> str:
+    p = Path(path).resolve()
+    try:
+        return p.relative_to(folder).as_posix()
+    except ValueError:
+        return str(p)
+
+
+def write_datalist(datalist: Mapping[str, Any], path: str | Path) -> Path:
+    """Write ``datalist`` atomically to ``path`` (paths inside its folder made relative to it); return the path."""
+    path = Path(path).expanduser().resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = dict(datalist)
+    for key in SPLITS:
+        out[key] = []
+        for e in datalist.get(key, []):
+            rel = {k: _relative(e[k], path.parent) for k in ("image", "label") if isinstance(e.get(k), str)}
+            out[key].append({**e, **rel})
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(out, f, indent=4)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_datalist(datalist: str | Path | Mapping[str, Any], base_dir: str | Path | None = None) -> dict[str, Any]:
+    """Read a datalist (file or already-loaded dict) with every path made absolute and its splits checked.
+
+    Args:
+        datalist: path of the JSON file, or its content.
+        base_dir: folder relative paths are relative to (default: the file's folder, or the working directory for
+            a dict).
+
+    Raises:
+        DataCheckError: for a missing/unreadable file, a missing training split, or leaking splits.
+    """
+    if isinstance(datalist, Mapping):
+        data = dict(datalist)
+        base = Path(base_dir) if base_dir is not None else Path.cwd()
+        name = "datalist"
+    else:
+        p = Path(datalist).expanduser()
+        if not p.is_file():
+            raise DataCheckError([f"{p}: missing file (datalist JSON)"])
+        try:
+            data = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise DataCheckError([f"{p}: unreadable JSON ({e})"]) from e
+        base = Path(base_dir) if base_dir is not None else p.resolve().parent
+        name = str(p)
+    if not isinstance(data, Mapping) or not isinstance(data.get("training"), list):
+        raise DataCheckError([f"{name}: no 'training' list (not a datalist)"])
+    for key in SPLITS:
+        items = data.get(key) or []
+        resolved = []
+        for e in items:
+            e = {"image": e} if isinstance(e, str) else dict(e)
+            for k in ("image", "label"):
+                if isinstance(e.get(k), str):
+                    e[k] = str((base / e[k]).resolve())
+            e.setdefault("scan_id", nifti_stem(e["image"]))
+            resolved.append(e)
+        data[key] = resolved
+    data.setdefault("labeled", {})
+    check_splits({k: data[k] for k in SPLITS}, data["labeled"], name=name)
+    data["_path"] = name
+    return data
+
+
+def load_split(
+    datalist: str | Path | Mapping[str, Any],
+    split: str,
+    labeled_seed: int | None = None,
+    num_labeled: int | None = None,
+    with_labels: bool = True,
+) -> list[dict[str, Any]]:
+    """Entries of one split with absolute paths.
+
+    Args:
+        datalist: datalist JSON path (or its loaded content, see :func:`load_datalist`).
+        split: ``"training"``, ``"validation"`` or ``"test"``.
+        labeled_seed: seed whose labeled subset to use; may be omitted when only one seed is recorded.
+        num_labeled: ``"training"`` only: return only the labeled scans of that seed and count. Asking for every
+            training scan (``num_labeled == len(training)``) returns all of them even if not recorded.
+        with_labels: ``False`` drops ``"label"`` from every entry (pre-training sees no labels).
+
+    Raises:
+        ValueError: for an unknown split, ``num_labeled`` with a split other than training, or a seed/count that
+            was not recorded (more labeled scans requested than exist included).
+        DataCheckError: when the split is empty, or the datalist is missing/malformed/leaking.
+
+    Example:
+        >>> load_split("datalist.json", "training", labeled_seed=0, num_labeled=2)  # doctest: +SKIP
+    """
+    if split not in SPLITS:
+        raise ValueError(f"Unsupported split: {split!r}; expected one of {SPLITS}.")
+    data = load_datalist(datalist)
+    entries = data[split]
+    if num_labeled is not None:
+        if split != "training":
+            raise ValueError(f"num_labeled applies to the 'training' split only, not {split!r}.")
+        n_train = len(entries)
+        if int(num_labeled) == n_train and n_train > 0:
+            pass
+        else:
+            labeled = data.get("labeled") or {}
+            if labeled_seed is None:
+                if len(labeled) != 1:
+                    raise ValueError(f"labeled_seed is required: seeds recorded in {data['_path']}: {sorted(labeled)}.")
+                labeled_seed = int(next(iter(labeled)))
+            by_count = labeled.get(str(int(labeled_seed)))
+            if by_count is None:
+                raise ValueError(
+                    f"{data['_path']}: no labeled subsets recorded for seed {labeled_seed} (seeds: {sorted(labeled)})."
+                )
+            ids = by_count.get(str(int(num_labeled)))
+            if ids is None:
+                more = f" (the training split has {n_train} scans)" if int(num_labeled) > n_train else ""
+                raise ValueError(
+                    f"{data['_path']}: {num_labeled} labeled scans for seed {labeled_seed} were not recorded"
+                    f"{more}; recorded counts: {sorted(by_count, key=int)}."
+                )
+            by_id = {str(e["scan_id"]): e for e in entries}
+            entries = [by_id[s] for s in ids]
+    if not entries:
+        raise DataCheckError([f"{data['_path']}: empty '{split}' split"])
+    if not with_labels:
+        entries = [{k: v for k, v in e.items() if k != "label"} for e in entries]
+    return [dict(e) for e in entries]
+
+
+def ensure_datalist(
+    dataset_dir: str | Path,
+    datalist_path: str | Path,
+    kind: str = "auto",
+    seeds: Sequence[int] = (0, 1, 2),
+    labeled_counts: Sequence[int] = (1, 2, 4),
+    num_val: float | int = 0.1,
+    num_test: float | int = 0.2,
+    split_seed: int = 0,
+    num_classes: int | None = None,
+    channel: int | None = None,
+    image_pattern: str | None = None,
+    label_pattern: str | None = None,
+    patient_regex: str | None = None,
+    check: bool = True,
+) -> str:
+    """Return ``datalist_path``, building it from ``dataset_dir`` first if it does not exist yet.
+
+    An existing datalist is used as it is (its splits must be leak-free and every file it lists must exist; files
+    are not re-read). Otherwise the source kind of
+    ``dataset_dir`` is detected (``kind="auto"``: MSD / ACDC / datalist JSON / folder of pairs), the datalist is
+    built with :func:`build_datalist` (every file checked) and written atomically. Meant for a config's
+    ``initialize`` section, e.g. ``"$bundle.data.datalist.ensure_datalist(@dataset_dir, @datalist)"``.
+
+    Raises:
+        DataCheckError: for every problem found in the data or the existing datalist.
+    """
+    path = Path(datalist_path).expanduser()
+    if path.is_file():
+        data = load_datalist(path)
+        missing = [
+            f"{e[k]}: missing file (listed in {path}, split '{split}')"
+            for split in SPLITS
+            for e in data[split]
+            for k in ("image", "label")
+            if k in e and not Path(e[k]).is_file()
+        ]
+        if missing:
+            raise DataCheckError(missing, header=f"datalist {path} lists missing files")
+        return str(path)
+    if kind == "auto":
+        kind = detect_source_kind(dataset_dir)
+    datalist = build_datalist(
+        kind,
+        dataset_dir,
+        seeds=seeds,
+        labeled_counts=labeled_counts,
+        num_val=num_val,
+        num_test=num_test,
+        split_seed=split_seed,
+        num_classes=num_classes,
+        channel=channel,
+        image_pattern=image_pattern,
+        label_pattern=label_pattern,
+        patient_regex=patient_regex,
+        check=check,
+    )
+    return str(write_datalist(datalist, path))
