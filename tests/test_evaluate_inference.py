@@ -1,0 +1,181 @@
+"""configs/evaluate.json (test split, native-geometry metrics, no checkpoint written) and configs/inference.json
+(NIfTI in, NIfTI out with the input's geometry), end to end on the tiny synthetic dataset."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from bundle.evaluation import SegmentationMetricsSaver, list_images
+from bundle.networks import FeatureUNet
+
+TINY = (4, 8, 8, 16, 16, 4)
+MYO = 2
+
+
+def _cause(error: BaseException) -> BaseException:
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
+def _constant_class_model(path: Path, label: int = MYO) -> None:
+    """Weights of a U-Net predicting ``label`` everywhere (zero final weights, a bias favouring ``label``)."""
+    net = FeatureUNet(features=TINY)
+    with torch.no_grad():
+        net.final_conv.weight.zero_()
+        net.final_conv.bias.copy_(torch.nn.functional.one_hot(torch.tensor(label), 4).float() * 5.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), path)
+
+
+def _random_model(path: Path, seed: int = 0) -> None:
+    torch.manual_seed(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(FeatureUNet(features=TINY).state_dict(), path)
+
+
+def _naive_dice(pred: np.ndarray, label: np.ndarray, c: int) -> float:
+    p, g = pred == c, label == c
+    if p.sum() + g.sum() == 0:
+        return 1.0
+    return 2.0 * float((p & g).sum()) / float(p.sum() + g.sum())
+
+
+def _files_with_mtimes(folder: Path) -> dict[str, float]:
+    return {str(p): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+# ------------------------------------------------------------------------------------------------------- evaluate
+
+
+def test_evaluate_scores_test_scans_at_native_geometry(bundle_workflow, tiny_overrides, tiny_paths, tmp_path) -> None:
+    models = tmp_path / "models"
+    _constant_class_model(models / "model.pt")
+    before = _files_with_mtimes(models)
+    out = tmp_path / "eval"
+    wf = bundle_workflow(["train", "evaluate"], **tiny_overrides, **{**tiny_paths, "output_dir": str(out)})
+    wf.initialize()
+    handlers = wf.parser.get_parsed_content("validate#handlers")
+    assert not any(type(h).__name__ == "CheckpointSaver" for h in handlers)
+    wf.run()
+    wf.finalize()
+    assert _files_with_mtimes(models) == before  # nothing written or rewritten next to the weights
+    assert [p.relative_to(tmp_path) for p in tmp_path.rglob("*.pt")] == [Path("models/model.pt")]  # nor elsewhere
+
+    datalist = json.loads(Path(tiny_paths["datalist"]).read_text())
+    test_scans = {e["scan_id"]: e for e in datalist["test"]}
+    with open(out / "metrics_per_scan.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 * len(test_scans)
+    assert {r["scan_id"] for r in rows} == set(test_scans)
+    assert [r["class"] for r in rows[:3]] == ["RV", "myocardium", "LV"]
+    base = Path(tiny_paths["datalist"]).parent
+    for scan_id, entry in test_scans.items():
+        label_img = nib.load(base / entry["label"])
+        pred_img = nib.load(out / "predictions" / f"{scan_id}_seg.nii.gz")
+        assert pred_img.shape == label_img.shape
+        np.testing.assert_allclose(pred_img.affine, label_img.affine, atol=1e-4)
+        pred, label = np.asanyarray(pred_img.dataobj), np.asanyarray(label_img.dataobj)
+        assert set(np.unique(pred)) <= {0, MYO} and (pred == MYO).any()  # the constant model's output
+        for r in (r for r in rows if r["scan_id"] == scan_id):
+            c = int(r["class_index"])
+            assert float(r["dice"]) == pytest.approx(_naive_dice(pred, label, c), abs=1e-5)
+            assert math.isfinite(float(r["hd95"])) == (c == MYO)  # only class 2 is predicted at all
+    assert 0 < float(next(r for r in rows if r["class_index"] == str(MYO))["dice"]) < 1
+    summary = json.loads((out / "metrics_summary.json").read_text())
+    assert summary["num_scans"] == len(test_scans) and summary["classes"] == ["RV", "myocardium", "LV"]
+    mean_dice = np.mean([float(r["dice"]) for r in rows])
+    assert summary["dice"]["mean"] == pytest.approx(mean_dice, abs=1e-5)
+    assert summary["hd95"]["per_class"]["RV"] == {"mean": None, "std": None, "n": 0}  # never predicted: no distance
+    assert (out / "metrics_summary.csv").is_file()
+
+
+def test_evaluate_requires_the_fine_tuned_weights(bundle_workflow, tiny_overrides, tiny_paths) -> None:
+    wf = bundle_workflow(["train", "evaluate"], **tiny_overrides, **tiny_paths)
+    with pytest.raises(RuntimeError) as info:
+        wf.initialize()
+    assert isinstance(_cause(info.value), FileNotFoundError) and "model.pt" in str(_cause(info.value))
+
+
+def test_metrics_saver_rejects_a_prediction_off_the_native_grid(tiny_datalist: Path) -> None:
+    entry = json.loads(tiny_datalist.read_text())["test"][0]
+    label_file = str(tiny_datalist.parent / entry["label"])
+    shape = nib.load(label_file).shape
+    saver = SegmentationMetricsSaver("unused", num_classes=4)
+    with pytest.raises(ValueError, match="was the prediction inverted"):
+        saver.score(np.zeros((1, shape[0] + 1, *shape[1:])), label_file, "scan")
+    with pytest.raises(ValueError, match="class_names"):
+        SegmentationMetricsSaver("unused", num_classes=4, class_names=["a", "b"])
+
+
+# ------------------------------------------------------------------------------------------------------ inference
+
+
+def _write_flipped_copy(src: Path, dst: Path) -> None:
+    """The same scan stored with its first axis reversed (affine adjusted: same voxels in world space)."""
+    img = nib.load(src)
+    data = np.asanyarray(img.dataobj)
+    affine = img.affine.copy()
+    affine[:3, 3] = img.affine[:3, :3] @ np.array([data.shape[0] - 1, 0, 0]) + img.affine[:3, 3]
+    affine[:3, 0] *= -1
+    nib.save(nib.Nifti1Image(data[::-1].copy(), affine), dst)
+
+
+def test_inference_writes_segmentations_with_the_input_geometry(
+    bundle_workflow, tiny_overrides, tiny_acdc: Path, tmp_path: Path
+) -> None:
+    _random_model(tmp_path / "models" / "model.pt")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    src = tiny_acdc / "patient001" / "patient001_frame01.nii.gz"
+    (inputs / "a.nii.gz").write_bytes(src.read_bytes())
+    (inputs / "a_gt.nii.gz").write_bytes((tiny_acdc / "patient001" / "patient001_frame01_gt.nii.gz").read_bytes())
+    _write_flipped_copy(src, inputs / "b.nii.gz")
+    out = tmp_path / "out"
+    wf = bundle_workflow(["inference"], workflow_type="infer", **tiny_overrides, bundle_root=str(tmp_path),
+                         dataset_dir=str(inputs), output_dir=str(out))
+    wf.initialize()
+    assert wf.check_properties() == []
+    wf.run()
+    wf.finalize()
+    assert sorted(p.name for p in out.iterdir()) == ["a_seg.nii.gz", "b_seg.nii.gz"]  # the _gt file is skipped
+    segs = {}
+    for name in ("a", "b"):
+        seg, img = nib.load(out / f"{name}_seg.nii.gz"), nib.load(inputs / f"{name}.nii.gz")
+        assert seg.shape == img.shape and seg.get_data_dtype() == np.uint8
+        np.testing.assert_allclose(seg.affine, img.affine, atol=1e-4)
+        segs[name] = np.asanyarray(seg.dataobj)
+        assert set(np.unique(segs[name])) <= {0, 1, 2, 3}
+    a, b = segs["a"], segs["b"]
+    assert len(np.unique(a)) > 1 and not np.array_equal(a, a[::-1])  # not trivially symmetric
+    np.testing.assert_array_equal(b, a[::-1])  # same anatomy stored flipped -> same segmentation, flipped
+
+
+def test_inference_on_a_given_list_of_files(bundle_workflow, tiny_overrides, tiny_acdc: Path, tmp_path: Path) -> None:
+    _random_model(tmp_path / "models" / "model.pt")
+    chosen = tiny_acdc / "patient002" / "patient002_frame01.nii.gz"
+    out = tmp_path / "out"
+    wf = bundle_workflow(["inference"], workflow_type="infer", **tiny_overrides, bundle_root=str(tmp_path),
+                         input_files=[str(chosen)], output_dir=str(out))
+    wf.initialize()
+    wf.run()
+    assert [p.name for p in out.iterdir()] == ["patient002_frame01_seg.nii.gz"]
+    assert nib.load(out / "patient002_frame01_seg.nii.gz").shape == nib.load(chosen).shape
+
+
+def test_list_images(tmp_path: Path) -> None:
+    for name in ("b.nii.gz", "a.nii", "a_gt.nii.gz", "a_seg.nii.gz", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert [Path(p).name for p in list_images(tmp_path)] == ["a.nii", "b.nii.gz"]
+    with pytest.raises(FileNotFoundError, match="no NIfTI image"):
+        list_images(tmp_path, "*.mha")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        list_images(tmp_path / "absent")
