@@ -1,7 +1,7 @@
 """Few-label fine-tuning pieces used by ``configs/train.json`` and ``configs/mean_teacher.json``.
 
-- :func:`prepare_datalist`: the dataset folder (synthetic ACDC generated when missing) and the shared datalist, built
-  only when a config actually reads its splits (so a MONAI Label run, which passes its own data, touches neither).
+- The dataset folder and the shared datalist come from :func:`bundle.data.datalist.prepare_datalist`, called only
+  when a config actually reads its splits (so a MONAI Label run, which passes its own data, touches neither).
 - :func:`load_pretrained`: copies the pre-trained U-Net weights into the segmentation network by name and shape
   (MONAI's ``copy_model_state``), logs what was loaded and skipped, and refuses a file that matches nothing.
 - :func:`segmentation_loss`: pixel-wise cross-entropy (the paper's fine-tuning loss) or Dice + CE.
@@ -43,7 +43,6 @@ __all__ = [
     "MeanTeacherTrainer",
     "load_pretrained",
     "mean_teacher_seed",
-    "prepare_datalist",
     "segmentation_loss",
 ]
 
@@ -60,51 +59,6 @@ LOSS_TYPES = ("ce", "dice_ce")
 
 
 # ------------------------------------------------------------------------------------------------------------ data
-
-
-def prepare_datalist(
-    dataset_dir: str | os.PathLike,
-    datalist: str | os.PathLike,
-    num_classes: int | None = None,
-    split_seed: int = 0,
-    channel: int | None = None,
-    generate_if_missing: bool = False,
-    synthetic_patients: int = 100,
-    synthetic_seed: int = 0,
-) -> str:
-    """Return the path of the datalist shared by every config, creating the data and the datalist if needed.
-
-    When ``dataset_dir`` does not exist and ``generate_if_missing`` is set, the synthetic ACDC dataset is written
-    there first (:func:`bundle.data.synthetic.generate_synthetic_acdc`). An existing datalist file is used as it
-    is (its splits are checked), so pre-training, fine-tuning and evaluation see the same split; otherwise it is built
-    from ``dataset_dir`` (:func:`bundle.data.datalist.ensure_datalist`, every file checked).
-
-    Args:
-        dataset_dir: dataset folder (ACDC / Decathlon / folder of pairs / datalist JSON).
-        datalist: path of the shared datalist JSON (``runs/datalist.json``).
-        num_classes: number of label classes; default: from the dataset layout.
-        split_seed: seed of the patient-level split.
-        channel: channel of 4D multi-channel images.
-        generate_if_missing: write the synthetic ACDC dataset into a missing ``dataset_dir``.
-        synthetic_patients: number of synthetic patients.
-        synthetic_seed: seed of the synthetic dataset (independent of the training seed).
-
-    Raises:
-        FileNotFoundError: when ``dataset_dir`` does not exist, no datalist exists yet and nothing may be generated.
-        DataCheckError: for any problem in the data or the datalist.
-    """
-    from bundle.data.datalist import ensure_datalist
-    from bundle.data.synthetic import generate_synthetic_acdc
-
-    if not Path(datalist).is_file() and not os.path.exists(dataset_dir):
-        if not generate_if_missing:
-            raise FileNotFoundError(
-                f"dataset_dir {str(dataset_dir)!r} does not exist and no datalist {str(datalist)!r} was built yet; "
-                "pass --dataset_dir <folder> (or --generate_if_missing true for the synthetic ACDC data)."
-            )
-        logger.info(f"generating {synthetic_patients} synthetic ACDC patients (seed {synthetic_seed}) in {dataset_dir}")
-        generate_synthetic_acdc(dataset_dir, num_patients=int(synthetic_patients), seed=int(synthetic_seed))
-    return ensure_datalist(dataset_dir, datalist, num_classes=num_classes, split_seed=split_seed, channel=channel)
 
 
 # ---------------------------------------------------------------------------------------------- pre-trained weights

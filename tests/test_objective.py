@@ -149,3 +149,15 @@ def test_fp32_under_autocast() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = objective(**x)
     assert all(value.dtype == torch.float32 for value in out.values())
+
+
+def test_variant_decides_terms_and_weight_overrides_only_scale_active_terms() -> None:
+    # a config passes every weight; the variant alone decides which terms run
+    all_weights = {"mi_weight": 2.0, "cc_weight": 0.1, "con_weight": 3.0, "imsat_weight": 1.0, "dense_con_weight": 1.0}
+    ours = PretrainingObjective.from_variant("ours", alpha=0.25, **all_weights)
+    assert ours.weights == {"mi": 2.0, "cc": 0.1, "con": 3.0, "imsat": 0.0, "dense_con": 0.0}
+    assert ours.mi.alpha == 0.25
+    iic = PretrainingObjective.from_variant("iic", alpha=0.5, **all_weights)
+    assert set(iic.active_terms) == {"mi"} and iic.mi.alpha == 0.0  # IIC is alpha = 0 whatever the config says
+    imsat = PretrainingObjective.from_variant("imsat", **all_weights)
+    assert set(imsat.active_terms) == {"imsat"}

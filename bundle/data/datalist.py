@@ -23,6 +23,7 @@ Writing is atomic (a temporary file renamed into place), and every check runs be
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -37,6 +38,7 @@ from bundle.data.sources import SourceScans, detect_source_kind, find_scans, nif
 from bundle.data.splits import check_splits, choose_labeled, file_hash, split_by_patient, split_hash
 
 __all__ = [
+    "prepare_datalist",
     "DATALIST_VERSION",
     "build_datalist",
     "ensure_datalist",
@@ -330,6 +332,20 @@ def ensure_datalist(
     path = Path(datalist_path).expanduser()
     if path.is_file():
         data = load_datalist(path)
+        recorded = (data.get("source") or {}).get("root")
+        if recorded is not None and Path(recorded).resolve() != Path(dataset_dir).resolve():
+            raise DataCheckError(
+                [
+                    f"{path}: built from {recorded}, not from dataset_dir {dataset_dir}; pass --datalist <new file> "
+                    "for this dataset (or delete the old datalist)"
+                ],
+                header="datalist belongs to another dataset",
+            )
+        if int(data.get("split_seed", split_seed)) != int(split_seed):
+            raise DataCheckError(
+                [f"{path}: recorded split_seed {data.get('split_seed')} differs from the requested {split_seed}"],
+                header="datalist was split with another seed",
+            )
         missing = [
             f"{e[k]}: missing file (listed in {path}, split '{split}')"
             for split in SPLITS
@@ -358,3 +374,48 @@ def ensure_datalist(
         check=check,
     )
     return str(write_datalist(datalist, path))
+
+
+def prepare_datalist(
+    dataset_dir: str | os.PathLike,
+    datalist: str | os.PathLike,
+    num_classes: int | None = None,
+    split_seed: int = 0,
+    channel: int | None = None,
+    generate_if_missing: bool = False,
+    synthetic_patients: int = 100,
+    synthetic_seed: int = 0,
+) -> str:
+    """Return the path of the datalist shared by every config, creating the data and the datalist if needed.
+
+    When ``dataset_dir`` does not exist and ``generate_if_missing`` is set, the synthetic ACDC dataset is written
+    there first (:func:`bundle.data.synthetic.generate_synthetic_acdc`). An existing datalist file is used as it
+    is (its splits are checked), so pre-training, fine-tuning and evaluation see the same split; otherwise it is built
+    from ``dataset_dir`` (:func:`bundle.data.datalist.ensure_datalist`, every file checked).
+
+    Args:
+        dataset_dir: dataset folder (ACDC / Decathlon / folder of pairs / datalist JSON).
+        datalist: path of the shared datalist JSON (``runs/datalist.json``).
+        num_classes: number of label classes; default: from the dataset layout.
+        split_seed: seed of the patient-level split.
+        channel: channel of 4D multi-channel images.
+        generate_if_missing: write the synthetic ACDC dataset into a missing ``dataset_dir``.
+        synthetic_patients: number of synthetic patients.
+        synthetic_seed: seed of the synthetic dataset (independent of the training seed).
+
+    Raises:
+        FileNotFoundError: when ``dataset_dir`` does not exist, no datalist exists yet and nothing may be generated.
+        DataCheckError: for any problem in the data or the datalist.
+    """
+    from bundle.data.synthetic import generate_synthetic_acdc
+
+    if not Path(datalist).is_file() and not os.path.exists(dataset_dir):
+        if not generate_if_missing:
+            raise FileNotFoundError(
+                f"dataset_dir {str(dataset_dir)!r} does not exist and no datalist {str(datalist)!r} was built yet; "
+                "pass --dataset_dir <folder> (or --generate_if_missing true for the synthetic ACDC data)."
+            )
+        msg = f"generating {synthetic_patients} synthetic ACDC patients (seed {synthetic_seed}) in {dataset_dir}"
+        logging.getLogger(__name__).info(msg)
+        generate_synthetic_acdc(dataset_dir, num_patients=int(synthetic_patients), seed=int(synthetic_seed))
+    return ensure_datalist(dataset_dir, datalist, num_classes=num_classes, split_seed=split_seed, channel=channel)

@@ -123,8 +123,12 @@ class PretrainingObjective(nn.Module):
     @classmethod
     def from_variant(cls, name: str, **overrides: Any) -> PretrainingObjective:
         """Build one of the paper's variants: ``"ours"``, ``"iic"``, ``"mi_only"``, ``"cc_only"``, ``"mi_cc"``,
-        ``"contrast_enc"``, ``"contrast_enc_ours"`` (= ours), ``"imsat"``, ``"dense_contrast"``; ``overrides``
-        replace any constructor argument.
+        ``"contrast_enc"``, ``"contrast_enc_ours"`` (= ours), ``"imsat"``, ``"dense_contrast"``.
+
+        The variant decides **which terms are on**; ``overrides`` replace any other constructor argument. A weight
+        override (``cc_weight=0.1``) scales a term the variant turns on and is ignored for a term it leaves off,
+        so a config can pass every weight and switch variants with one option. Options a variant fixes (``"iic"``
+        is ``"mi_only"`` with ``alpha=0``) win over overrides; use ``"mi_only"`` to vary alpha.
 
         Raises:
             ValueError: unknown variant name or unknown override.
@@ -135,7 +139,14 @@ class PretrainingObjective(nn.Module):
         unknown = sorted(set(overrides) - valid_args)
         if unknown:
             raise ValueError(f"unknown option(s) {unknown} for PretrainingObjective; valid: {sorted(valid_args)}.")
-        return cls(**{**VARIANTS[name], **overrides})
+        spec = VARIANTS[name]
+        kwargs = dict(overrides)
+        for key, value in spec.items():
+            if key.endswith("_weight"):
+                kwargs[key] = 0.0 if value == 0.0 else kwargs.get(key, value)
+            else:
+                kwargs[key] = value
+        return cls(**kwargs)
 
     def forward(
         self,

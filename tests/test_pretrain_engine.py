@@ -1,0 +1,133 @@
+"""PretrainTrainer on in-memory batches: alignment of the two views, NaN guard, events, per-iteration T."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ignite.engine import Events
+from monai.engines.utils import IterationEvents
+
+from bundle.engines import NonFiniteLossError, PretrainTrainer, trainable_parameters, transform_seed
+from bundle.losses import PretrainingObjective
+from bundle.networks import DenseClusterHead, DenseProjectionHead, FeatureUNet, GlobalProjectionHead
+from bundle.transforms import EquivariantTransform
+
+FEATURES = (4, 8, 8, 16, 16, 4)
+
+
+def _batches(n: int, b: int = 4, size: int = 32):
+    g = torch.Generator().manual_seed(0)
+    return [{"image": torch.rand(b, 1, size, size, generator=g), "meta_label": torch.arange(b) % 2} for _ in range(n)]
+
+
+def _trainer(objective: PretrainingObjective, data, **kw) -> PretrainTrainer:
+    torch.manual_seed(0)
+    net = FeatureUNet(out_channels=2, features=FEATURES)
+    heads = {
+        "dense_head": DenseClusterHead(FEATURES[5], num_clusters=5, num_heads=2),
+        "global_head": GlobalProjectionHead(FEATURES[4], hidden_dim=8, out_dim=8),
+        "dense_projector": DenseProjectionHead(FEATURES[5], hidden_dim=8, out_dim=8, grid=4),
+    }
+    opt = torch.optim.RAdam(trainable_parameters(net, *heads.values()), lr=1e-3)
+    return PretrainTrainer(
+        device="cpu",
+        max_epochs=1,
+        train_data_loader=data,
+        network=net,
+        optimizer=opt,
+        objective=objective,
+        transform=EquivariantTransform(),
+        epoch_length=len(data),
+        **heads,
+        **kw,
+    )
+
+
+def test_nan_loss_stops_before_the_step_naming_iteration_and_component(monkeypatch):
+    objective = PretrainingObjective.from_variant("ours")
+    trainer = _trainer(objective, _batches(3))
+    original = objective.forward
+
+    def poisoned(**kwargs):
+        out = original(**kwargs)
+        if trainer.state.iteration == 2:
+            out["cc"] = out["cc"] * float("nan")
+            out["loss"] = out["loss"] + out["cc"]
+        return out
+
+    monkeypatch.setattr(objective, "forward", poisoned)
+    snapshot = {}
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _keep(engine):
+        snapshot.update({k: v.detach().clone() for k, v in engine.network.named_parameters()})
+
+    with pytest.raises(NonFiniteLossError, match=r"iteration 2 .*cc=nan"):
+        trainer.run()
+    # the weights are those after iteration 1: the poisoned step never reached the optimiser
+    for k, v in trainer.network.named_parameters():
+        assert torch.equal(v, snapshot[k]), k
+
+
+def test_fires_iteration_events_and_reports_components():
+    objective = PretrainingObjective.from_variant("ours")
+    trainer = _trainer(objective, _batches(2))
+    fired = []
+    for ev in (
+        IterationEvents.FORWARD_COMPLETED,
+        IterationEvents.LOSS_COMPLETED,
+        IterationEvents.BACKWARD_COMPLETED,
+        IterationEvents.MODEL_COMPLETED,
+    ):
+        trainer.add_event_handler(ev, lambda e, ev=ev: fired.append(ev))
+    trainer.run()
+    assert fired.count(IterationEvents.MODEL_COMPLETED) == 2 and len(fired) == 8
+    out = trainer.state.output
+    assert {"loss", "mi", "cc", "con"} <= set(out) and "imsat" not in out
+    expected = out["mi"] + out["cc"] + out["con"]
+    torch.testing.assert_close(out["loss"], expected)
+    assert out["views"]["p_hat"].shape == (2, 4, 5, 32, 32)  # heads, B, K, H, W
+
+
+def test_final_conv_gets_no_gradient_and_heads_train():
+    objective = PretrainingObjective.from_variant("ours")
+    trainer = _trainer(objective, _batches(1))
+    before = {k: v.clone() for k, v in trainer.network.final_conv.state_dict().items()}
+    head_before = trainer.dense_head.proj.weight.clone()
+    trainer.run()
+    for k, v in trainer.network.final_conv.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert not torch.equal(trainer.dense_head.proj.weight, head_before)
+
+
+def test_p_tilde_is_T_of_untransformed_features():
+    """With identity T (no geometry, gamma 1), p_hat and p_tilde come from the same image: they must agree."""
+    objective = PretrainingObjective.from_variant("mi_only")
+    trainer = _trainer(objective, _batches(1), seed=3)
+    trainer.transform = EquivariantTransform(
+        scale_range=(1.0, 1.0), rotate_range=0.0, translate_range=0.0, flip_prob=0.0, gamma_range=(1.0, 1.0)
+    )
+    trainer.network.eval()  # same BN statistics for both halves of the batch
+    x = _batches(1)[0]["image"]
+    views = trainer._views(x)
+    torch.testing.assert_close(views["p_hat"], views["p_tilde"], atol=1e-5, rtol=1e-5)
+
+
+def test_transform_seed_is_a_pure_function_of_seed_and_iteration():
+    assert transform_seed(0, 5) == transform_seed(0, 5)
+    assert len({transform_seed(s, i) for s in range(3) for i in range(100)}) == 300
+
+
+def test_missing_head_for_active_term_raises():
+    objective = PretrainingObjective.from_variant("ours")
+    with pytest.raises(ValueError, match="global_head"):
+        PretrainTrainer(
+            device="cpu",
+            max_epochs=1,
+            train_data_loader=_batches(1),
+            network=FeatureUNet(features=FEATURES),
+            optimizer=torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1),
+            objective=objective,
+            transform=EquivariantTransform(),
+            dense_head=DenseClusterHead(FEATURES[5], 5, 1),
+        )

@@ -1,0 +1,135 @@
+"""configs/pretrain.json end to end on the tiny synthetic dataset: properties, variants, resume, logs, bad options."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from monai.networks.nets import BasicUNet
+
+from bundle.losses import VARIANTS
+
+
+@pytest.fixture
+def pretrain_overrides(tiny_overrides: dict[str, Any], tiny_paths: dict[str, Any]) -> dict[str, Any]:
+    over = {**tiny_overrides, **tiny_paths}
+    over.update(num_clusters=6, num_heads=2, num_partitions=2, log_interval=1, image_interval=2, resume=True)
+    over["output_dir"] = str(Path(tiny_paths["bundle_root"]) / "runs" / "pretrain")
+    over["state_path"] = str(Path(over["output_dir"]) / "checkpoints" / "trainer_state.pt")
+    return over
+
+
+def _run(bundle_workflow, over: dict[str, Any], hook=None):
+    wf = bundle_workflow(["pretrain"], **over)
+    wf.initialize()
+    if hook is not None:
+        hook(wf.parser.get_parsed_content("train#trainer"))
+    wf.run()
+    wf.finalize()
+    return wf
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return e
+
+
+def test_check_properties_train_workflow(bundle_workflow, pretrain_overrides):
+    wf = bundle_workflow(["pretrain"], **pretrain_overrides)
+    wf.initialize()
+    assert wf.check_properties() in (None, [])
+    parser = wf.parser
+    assert parser["run"] == parser["training"]  # both run ids: `run` (zoo, MONAI Label) and `training` (README)
+
+
+def test_end_to_end_writes_plain_unet_weights_state_and_tensorboard(bundle_workflow, pretrain_overrides):
+    over = dict(pretrain_overrides, epochs=2, iterations=2)
+    _run(bundle_workflow, over)
+    weights = torch.load(over["pretrained_path"], weights_only=True)
+    plain = BasicUNet(
+        spatial_dims=2, in_channels=1, out_channels=4, features=over["features"], act="relu", norm="batch", bias=False
+    )
+    plain.load_state_dict(weights, strict=True)  # heads excluded, plain BasicUNet keys
+    assert not any(k.startswith(("dense_head", "global_head", "proj", "mlp")) for k in weights)
+    state = torch.load(over["state_path"], weights_only=True)
+    assert state["engine"] == {"epoch": 2, "iteration": 4}
+    assert {"network", "dense_head", "global_head", "optimizer", "lr_scheduler"} <= set(state)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(over["output_dir"], size_guidance={"images": 0, "scalars": 0}).Reload()
+    scalars, images = set(acc.Tags()["scalars"]), set(acc.Tags()["images"])
+    expected_scalars = {f"pretrain/{k}" for k in ("loss", "mi", "cc", "con", "lr")}
+    expected_scalars |= {f"clusters/{k}" for k in ("mutual_information", "marginal_entropy", "dead_clusters")}
+    assert expected_scalars <= scalars, expected_scalars - scalars
+    expected_images = {f"pictures/{k}" for k in ("input", "clusters", "entropy", "edges", "joint_P")}
+    assert expected_images <= images, expected_images - images
+    # variant "ours" computes exactly its three terms
+    assert not {"pretrain/imsat", "pretrain/dense_con"} & scalars
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_ablation_variant_runs(bundle_workflow, pretrain_overrides, variant):
+    over = dict(pretrain_overrides, variant=variant, iterations=1, resume=False)
+    wf = _run(bundle_workflow, over)
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    terms = set(trainer.objective.active_terms)
+    out = trainer.state.output
+    assert set(k for k in ("mi", "cc", "con", "imsat", "dense_con") if k in out) == terms
+    assert torch.isfinite(out["loss"])
+
+
+def test_resume_after_interruption_reproduces_uninterrupted_run(bundle_workflow, pretrain_overrides, tmp_path):
+    base = dict(pretrain_overrides, epochs=3, iterations=2, warmup_epochs=1)
+    straight = dict(base, bundle_root=str(tmp_path / "a"), output_dir=str(tmp_path / "a" / "runs"))
+    straight.update(state_path=str(tmp_path / "a" / "state.pt"), pretrained_path=str(tmp_path / "a" / "unet.pt"))
+    _run(bundle_workflow, straight)
+
+    broken = dict(base, bundle_root=str(tmp_path / "b"), output_dir=str(tmp_path / "b" / "runs"))
+    broken.update(state_path=str(tmp_path / "b" / "state.pt"), pretrained_path=str(tmp_path / "b" / "unet.pt"))
+
+    class Killed(Exception):
+        pass
+
+    def crash_mid_epoch_3(trainer):
+        from ignite.engine import Events
+
+        @trainer.on(Events.ITERATION_STARTED)
+        def _die(engine):
+            if engine.state.iteration == 5:  # first iteration of epoch 3: epoch 2's state is on disk
+                raise Killed()
+
+    with pytest.raises(Exception) as info:
+        _run(bundle_workflow, broken, hook=crash_mid_epoch_3)
+    assert isinstance(_root_cause(info.value), Killed) or isinstance(info.value, Killed)
+    assert torch.load(broken["state_path"], weights_only=True)["engine"]["epoch"] == 2
+
+    wf = _run(bundle_workflow, broken)  # the same command again
+    assert wf.parser.get_parsed_content("train#handlers")[1].resumed_from == 2
+    a = torch.load(straight["pretrained_path"], weights_only=True)
+    b = torch.load(broken["pretrained_path"], weights_only=True)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"variant": "simclr"}, "variant 'simclr' is unknown"),
+        ({"num_clusters": 1}, "num_clusters"),
+        ({"alpha": 1.5}, "alpha must lie in"),
+        ({"crop_size": [96, 96]}, "larger than the pre-processed"),
+    ],
+)
+def test_bad_overrides_rejected_before_training(bundle_workflow, pretrain_overrides, override, message):
+    wf = bundle_workflow(["pretrain"], **{**pretrain_overrides, **override})
+    with pytest.raises(Exception) as info:
+        wf.initialize()
+    assert isinstance(_root_cause(info.value), ValueError)
+    assert message in str(_root_cause(info.value))
+    assert not Path(pretrain_overrides["state_path"]).exists()
+    assert not Path(pretrain_overrides["pretrained_path"]).exists()
