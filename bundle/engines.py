@@ -169,8 +169,10 @@ class PretrainTrainer(SupervisedTrainer):
         if terms & {"mi", "cc", "imsat", "dense_con"}:
             dec_tx, _ = tr.apply(dec[:b], params)  # T(s(x)), aligned with s(T x) = dec[b:]
             if self.dense_head is not None and terms & {"mi", "cc", "imsat"}:
-                probs = self.dense_head(torch.cat([dec[b:], dec_tx]))  # M,2B,K,H,W (fp32 softmax)
-                out["p_hat"], out["p_tilde"] = probs[:, :b], probs[:, b:]
+                # two head calls rather than one on the concatenation: slicing an M,2B,K,H,W result would make the
+                # backward allocate and fill that whole tensor twice
+                out["p_hat"] = self.dense_head(dec[b:])  # M,B,K,H,W fp32 softmax
+                out["p_tilde"] = self.dense_head(dec_tx)
             if self.dense_projector is not None and "dense_con" in terms:
                 emb = self.dense_projector(torch.cat([dec[b:], dec_tx]))
                 out["dense_a"], out["dense_b"] = emb[:b], emb[b:]

@@ -144,15 +144,24 @@ class DenseClusterHead(nn.Module):
         self.proj = nn.Conv2d(in_channels, num_clusters * num_heads, kernel_size=1)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Cluster logits ``M,B,K,H,W`` (before the softmax)."""
+        """Cluster logits ``B,M,K,H,W`` (contiguous, before the softmax).
+
+        The 1x1 conv is computed as one batched matrix product (``baddbmm``): on CPU about twice as fast as the
+        convolution kernel for this shape, forward and backward, with the same ``proj`` parameters.
+        """
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected features of shape (B,{self.in_channels},H,W), got {tuple(x.shape)}.")
-        b, _, h, w = x.shape
-        y = self.proj(x).view(b, self.num_heads, self.num_clusters, h, w)
-        return y.transpose(0, 1)
+        b, c, h, w = x.shape
+        mk = self.num_heads * self.num_clusters
+        weight = self.proj.weight.view(1, mk, c).expand(b, mk, c)
+        bias = self.proj.bias.view(1, mk, 1).expand(b, mk, 1)
+        y = torch.baddbmm(bias, weight, x.reshape(b, c, h * w))
+        return y.view(b, self.num_heads, self.num_clusters, h, w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.logits(x).float(), dim=2)
+        """Probabilities ``M,B,K,H,W`` in fp32 (a transposed view of a contiguous ``B,M,K,H,W`` tensor, the layout
+        the losses read without copying)."""
+        return torch.softmax(self.logits(x).float(), dim=2).transpose(0, 1)
 
 
 class GlobalProjectionHead(nn.Module):

@@ -276,28 +276,31 @@ def pixel_entropy(probs: torch.Tensor, dim: int, eps: float = DEFAULT_LOG_EPS, k
 
 
 class _EntropyFunction(torch.autograd.Function):
+    """``-sum(p log max(p, eps))`` along ``dim``; the backward reuses the forward's ``log max(p, eps)`` instead of
+    recomputing it (one logarithm per element in all, the dominant cost; for one saved full-size tensor)."""
+
     @staticmethod
     def forward(ctx: FunctionCtx, probs: torch.Tensor, dim: int, eps: float, keepdim: bool) -> torch.Tensor:
-        ctx.save_for_backward(probs)
-        ctx.dim, ctx.eps, ctx.keepdim = dim, eps, keepdim  # type: ignore[attr-defined]
-        plogp = probs.clamp_min(eps)
-        plogp.log_().mul_(probs)  # one full-size temporary, freed on return
-        return plogp.sum(dim=dim, keepdim=keepdim).neg_()
+        logp = probs.clamp_min(eps).log_()
+        ctx.dim, ctx.keepdim = dim, keepdim  # type: ignore[attr-defined]
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(logp)
+        return (probs * logp).sum(dim=dim, keepdim=keepdim).neg_()
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
-        (probs,) = ctx.saved_tensors  # type: ignore[attr-defined]
-        if not ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
-            return None, None, None, None
+        (logp,) = ctx.saved_tensors  # type: ignore[attr-defined]
         if not ctx.keepdim:  # type: ignore[attr-defined]
             grad = grad.unsqueeze(ctx.dim)  # type: ignore[attr-defined]
-        slope = probs.clamp_min(ctx.eps).log_().add_(1.0)  # type: ignore[attr-defined]
-        return slope.mul_(grad.neg()), None, None, None
+        # d/dp [-p log max(p, eps)] = -(log max(p, eps) + 1) (the slope is clipped below eps)
+        return (logp + 1.0).mul_(grad.neg()), None, None, None
 
 
 class _WeightedJointFunction(torch.autograd.Function):
-    """``a diag(w) b^T`` per (head, image): ``a``, ``b`` ``M*B,K,N``; ``w`` ``B,N`` or None -> ``M*B,K,K``.
+    """``a diag(w) b^T`` per (image, head): ``a``, ``b`` ``B*M,K,N`` (batch-major), ``w`` ``B,N`` or None.
+
+    Returns ``B*M,K,K``.
 
     Same value and gradient as autograd on ``bmm(a * w, b^T)``, but the weighted copy of ``a`` is freed
     right after the forward and the backward writes each gradient once (weights applied in place).
@@ -309,7 +312,7 @@ class _WeightedJointFunction(torch.autograd.Function):
         if weights is None:
             return torch.bmm(a, b.transpose(1, 2))
         batch = weights.shape[0]
-        weighted = (a.view(-1, batch, *a.shape[1:]) * weights[None, :, None, :]).view_as(a)
+        weighted = (a.view(batch, -1, *a.shape[1:]) * weights[:, None, None, :]).view_as(a)
         return torch.bmm(weighted, b.transpose(1, 2))
 
     @staticmethod
@@ -323,7 +326,7 @@ class _WeightedJointFunction(torch.autograd.Function):
             batch = weights.shape[0]
             for g in (grad_a, grad_b):
                 if g is not None:
-                    g.view(-1, batch, *g.shape[1:]).mul_(weights[None, :, None, :])
+                    g.view(batch, -1, *g.shape[1:]).mul_(weights[:, None, None, :])
         return grad_a, grad_b, None
 
 
@@ -395,15 +398,17 @@ def _joint(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Joint ``M,K,K`` (fp32) and the number of valid pixels (0-d); one bmm over all heads and images."""
     n_heads, batch, k, height, width = heads_hat.shape
-    a = _at_least_fp32(heads_hat).reshape(n_heads * batch, k, height * width)
-    b = _at_least_fp32(heads_tilde).reshape(n_heads * batch, k, height * width)
+    # batch-major (B*M, K, N): a free view of the dense head's output layout (B,M,K,H,W in memory, handed over as
+    # an M,B,K,H,W transposed view); a contiguous M,B,K,H,W input costs one copy either way
+    a = _at_least_fp32(heads_hat).transpose(0, 1).reshape(batch * n_heads, k, height * width)
+    b = _at_least_fp32(heads_tilde).transpose(0, 1).reshape(batch * n_heads, k, height * width)
     if mask is None:
         weights = None
         count = torch.full((), batch * height * width, dtype=torch.float32, device=a.device)
     else:
         weights = mask.reshape(batch, height * width)
         count = mask.sum()
-    joint = _WeightedJointFunction.apply(a, b, weights).view(n_heads, batch, k, k).sum(dim=1)
+    joint = _WeightedJointFunction.apply(a, b, weights).view(batch, n_heads, k, k).sum(dim=0)
     return joint / count.clamp_min(1.0), count
 
 
