@@ -25,7 +25,7 @@ from bundle.losses import PretrainingObjective
 from bundle.networks import DenseClusterHead, DenseProjectionHead, FeatureUNet, GlobalProjectionHead
 from bundle.transforms import EquivariantTransform
 
-__all__ = ["PretrainTrainer", "NonFiniteLossError", "trainable_parameters", "transform_seed"]
+__all__ = ["PretrainTrainer", "NonFiniteLossError", "backward_and_step", "trainable_parameters", "transform_seed"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -227,17 +227,23 @@ class PretrainTrainer(SupervisedTrainer):
             k: views[k].detach() for k in ("image_t", "mask", "p_hat", "p_tilde") if k in views
         }
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        if engine.scaler is not None:
-            engine.scaler.scale(total).backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
-        else:
-            total.backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.optimizer.step()
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        backward_and_step(engine, total)
         return engine.state.output
+
+
+def backward_and_step(engine: SupervisedTrainer, loss: torch.Tensor) -> None:
+    """Backward (through the engine's GradScaler when it has one) and optimiser step, firing ``BACKWARD_COMPLETED``
+    and ``MODEL_COMPLETED`` like :class:`monai.engines.SupervisedTrainer`; shared by this bundle's trainers."""
+    if engine.scaler is not None:
+        engine.scaler.scale(loss).backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        engine.scaler.step(engine.optimizer)
+        engine.scaler.update()
+    else:
+        loss.backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        engine.optimizer.step()
+    engine.fire_event(IterationEvents.MODEL_COMPLETED)
 
 
 def trainable_parameters(*modules: nn.Module | None) -> list[torch.nn.Parameter]:

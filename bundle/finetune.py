@@ -34,6 +34,7 @@ from monai.networks.utils import copy_model_state
 from monai.utils import CommonKeys as Keys
 from torch import nn
 
+from bundle.engines import backward_and_step
 from bundle.handlers.mean_teacher import ConsistencyWeight, softmax_mse_consistency
 from bundle.transforms import EquivariantTransform
 
@@ -351,14 +352,5 @@ class MeanTeacherTrainer(SupervisedTrainer):
             engine.state.output["consistency_loss"] = consistency.detach()
             engine.state.output["consistency_weight"] = weight
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        if use_amp:
-            engine.scaler.scale(loss).backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
-        else:
-            loss.backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.optimizer.step()
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        backward_and_step(engine, loss)
         return engine.state.output
