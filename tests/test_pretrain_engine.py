@@ -131,3 +131,39 @@ def test_missing_head_for_active_term_raises():
             transform=EquivariantTransform(),
             dense_head=DenseClusterHead(FEATURES[5], 5, 1),
         )
+
+
+def test_monitor_warns_on_collapse_and_writes_pictures(tmp_path, caplog):
+    import logging
+
+    from bundle.handlers.monitor import PretrainMonitor
+
+    monitor = PretrainMonitor(log_dir=tmp_path, log_interval=1, image_interval=1, collapse_fraction=0.5)
+    b, k, s = 2, 4, 16
+    collapsed = torch.zeros(1, b, k, s, s)
+    collapsed[:, :, 0] = 1.0  # every pixel in cluster 0: marginal entropy 0 < 0.5 log K
+    views = {
+        "image_t": torch.rand(b, 1, s, s),
+        "mask": torch.ones(b, 1, s, s),
+        "p_hat": collapsed,
+        "p_tilde": collapsed,
+    }
+
+    class _State:
+        iteration, epoch, max_epochs = 1, 1, 1
+        output = {"loss": torch.tensor(1.0), "mi": torch.tensor(0.5), "views": views}
+
+    class _Engine:
+        state = _State()
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+
+    with caplog.at_level(logging.INFO, logger="bundle.pretrain"):
+        monitor.iteration_completed(_Engine())
+        monitor.epoch_completed(_Engine())
+    monitor.close()
+    assert any("cluster collapse" in r.message and r.levelno == logging.WARNING for r in caplog.records)
+    assert any("epoch 1/1: loss=1.0000 mi=0.5000" in r.message for r in caplog.records)
+    health = PretrainMonitor.health(views)
+    assert health["marginal_entropy"] == pytest.approx(0.0, abs=1e-6) and health["dead_clusters"] == k - 1
+    pngs = list((tmp_path / "pictures").glob("iteration_*.png"))
+    assert len(pngs) == 1 and pngs[0].stat().st_size > 0

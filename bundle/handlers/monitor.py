@@ -6,7 +6,8 @@
   health of the clustering measured on the first dense head's joint matrix P (mutual-information estimate,
   marginal entropy, number of dead clusters);
 - every ``image_interval`` iterations: pictures like the paper's Figures 1-3 -- the transformed input, the
-  coloured cluster-assignment map, the cluster-entropy map, the Sobel edge map and the joint matrix P;
+  coloured cluster-assignment map, the cluster-entropy map, the Sobel edge map and the joint matrix P -- in
+  TensorBoard and side by side as ``<log_dir>/pictures/iteration_NNNNNNN.png``;
 - every epoch: one log line with the mean of each component and the lr, and a warning when the clustering
   collapses (marginal entropy below ``collapse_fraction * log K``).
 """
@@ -191,12 +192,35 @@ class PretrainMonitor:
         joint_img = torch.nn.functional.interpolate(
             _to_unit(joint)[None, None], scale_factor=max(1, 160 // k), mode="nearest"
         )[0]
-        w = self.writer
-        w.add_image("pictures/input", _to_unit(image[0, :1]), step)
-        w.add_image("pictures/clusters", torch.from_numpy(colours).permute(2, 0, 1), step)
-        w.add_image("pictures/entropy", _to_unit(ent)[None], step)
-        w.add_image("pictures/edges", _to_unit(edges)[None], step)
-        w.add_image("pictures/joint_P", joint_img, step)
+        panels = {
+            "input": _to_unit(image[0, :1]),
+            "clusters": torch.from_numpy(colours).permute(2, 0, 1).float() / 255.0,
+            "entropy": _to_unit(ent)[None],
+            "edges": _to_unit(edges)[None],
+            "joint_P": joint_img,
+        }
+        for name, panel in panels.items():
+            self.writer.add_image(f"pictures/{name}", panel, step)
+        if self.log_dir is not None:
+            self.save_png(panels, self.log_dir / "pictures" / f"iteration_{step:07d}.png")
+
+    @staticmethod
+    def save_png(panels: dict[str, torch.Tensor], path: Path) -> Path:
+        """Panels side by side (each ``C,H,W`` in [0, 1], grey or RGB), rescaled to a common height, as one PNG."""
+        from PIL import Image
+
+        height = max(p.shape[-2] for p in panels.values())
+        tiles = []
+        for panel in panels.values():
+            rgb = panel.expand(3, -1, -1) if panel.shape[0] == 1 else panel
+            scale = height / rgb.shape[-2]
+            size = (height, max(1, round(rgb.shape[-1] * scale)))
+            tiles.append(torch.nn.functional.interpolate(rgb[None], size=size, mode="nearest")[0])
+            tiles.append(torch.ones(3, height, 4))  # white separator
+        grid = (torch.cat(tiles[:-1], dim=-1).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grid).save(path)
+        return path
 
 
 class ProgressBar:
