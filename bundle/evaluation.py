@@ -114,7 +114,7 @@ def write_metrics(
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    summary = summarize(rows, class_names=class_names)
+    summary = summarize([{k: r[k] for k in METRICS if k in r} for r in rows], class_names=class_names)
     with open(out / PER_SCAN_FILE, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["scan_id", "class_index", "class", *METRICS])
