@@ -82,7 +82,7 @@ def main(
     finetune_lr: float = 1e-3,
     scratch_lr: float = 1e-3,
     seed: int = 0,
-) -> dict[str, Any]:
+) -> None:
     """Run the quick pre-train -> fine-tune -> evaluate pipeline with and without pre-training; print both Dice."""
     root = (REPO / bundle_root).resolve() if not Path(bundle_root).is_absolute() else Path(bundle_root)
     root.mkdir(parents=True, exist_ok=True)
@@ -154,7 +154,7 @@ def main(
     summary = {"dice": results, "seconds": times, "total_seconds": total, "num_labeled": num_labeled}
     (root / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     print(f"per-scan metrics: {results['with pre-training']['_dir']}, {results['from scratch']['_dir']}")
-    return summary
+    print(f"summary: {root / 'demo_summary.json'}")
 
 
 if __name__ == "__main__":
