@@ -105,12 +105,7 @@ class ClusterMutualInformationLoss(_Loss):
         Raises:
             ValueError: when shapes are not ``B,K,H,W``/``M,B,K,H,W``, differ, K < 2, or the mask shape is wrong.
         """
-        heads_hat, single = _as_heads(p_hat, "p_hat")
-        heads_tilde, _ = _as_heads(p_tilde, "p_tilde")
-        if heads_hat.shape != heads_tilde.shape:
-            raise ValueError(f"p_hat and p_tilde must have the same shape, got {tuple(p_hat.shape)} and "
-                             f"{tuple(p_tilde.shape)}.")
-        mask = _check_mask(mask, heads_hat)
+        heads_hat, heads_tilde, mask, single = _check_pair(p_hat, p_tilde, mask)
         with _fp32_region(heads_hat.device):
             joint, count = _joint(heads_hat, heads_tilde, mask)
             values = _mi_loss_from_joint(joint, self.alpha, self.eps, self.symmetric)
@@ -208,12 +203,7 @@ def joint_distribution(p_hat: torch.Tensor, p_tilde: torch.Tensor, mask: torch.T
     Raises:
         ValueError: bad or different shapes, K < 2, bad mask shape.
     """
-    heads_hat, _ = _as_heads(p_hat, "p_hat")
-    heads_tilde, _ = _as_heads(p_tilde, "p_tilde")
-    if heads_hat.shape != heads_tilde.shape:
-        raise ValueError(f"p_hat and p_tilde must have the same shape, got {tuple(p_hat.shape)} and "
-                         f"{tuple(p_tilde.shape)}.")
-    mask = _check_mask(mask, heads_hat)
+    heads_hat, heads_tilde, mask, _ = _check_pair(p_hat, p_tilde, mask)
     with _fp32_region(heads_hat.device):
         joint, _ = _joint(heads_hat, heads_tilde, mask)
     return joint
@@ -391,6 +381,18 @@ def _check_mask(mask: torch.Tensor | None, heads: torch.Tensor, name: str = "mas
         raise ValueError(f"{name} must have shape B,1,H,W = {(batch, 1, height, width)}, got {tuple(mask.shape)}.")
     dtype = torch.float64 if heads.dtype == torch.float64 else torch.float32
     return mask.detach().to(device=heads.device, dtype=dtype)
+
+
+def _check_pair(
+    p_hat: torch.Tensor, p_tilde: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
+    """Validate the two views' probabilities and the mask; return both 5-D views, the mask, and "single head"."""
+    heads_hat, single = _as_heads(p_hat, "p_hat")
+    heads_tilde, _ = _as_heads(p_tilde, "p_tilde")
+    if heads_hat.shape != heads_tilde.shape:
+        raise ValueError(f"p_hat and p_tilde must have the same shape, got {tuple(p_hat.shape)} and "
+                         f"{tuple(p_tilde.shape)}.")
+    return heads_hat, heads_tilde, _check_mask(mask, heads_hat), single
 
 
 def _joint(
