@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 def _override_args(overrides: dict[str, Any]) -> list[str]:
     args: list[str] = []
     for key, value in overrides.items():
-        text = json.dumps(value) if isinstance(value, list | bool) or value is None else str(value)
+        # fire parses values as Python literals: True/False, [1, 2]; "null" is the configs' "no path"
+        text = json.dumps(value) if isinstance(value, list) else str(value)
         args += [f"--{key}", text]
     return args
 
