@@ -11,7 +11,18 @@ from types import ModuleType
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("data", "engines", "handlers", "losses", "metrics", "networks", "transforms")
+_SUBMODULES = (
+    "data",
+    "engines",
+    "evaluation",
+    "finetune",
+    "handlers",
+    "losses",
+    "metrics",
+    "networks",
+    "options",
+    "transforms",
+)
 
 
 def __getattr__(name: str) -> ModuleType:
