@@ -9,9 +9,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from bundle.losses.boundary import BoundaryCrossCorrelationLoss
+from bundle.losses.boundary import BoundaryCrossCorrelationLoss, sobel_edge_map
 from bundle.losses.contrastive import DenseContrastiveLoss, MetaLabelContrastiveLoss
-from bundle.losses.mutual_information import ClusterMutualInformationLoss, IMSATLoss
+from bundle.losses.fused import joint_and_entropy
+from bundle.losses.mutual_information import (
+    ClusterMutualInformationLoss,
+    IMSATLoss,
+    _fp32_region,
+    _mi_loss_from_joint,
+    _reduce_heads,
+)
 
 __all__ = ["PretrainingObjective", "VARIANTS"]
 
@@ -192,9 +199,11 @@ class PretrainingObjective(nn.Module):
             if missing:
                 raise ValueError(f"term {term!r} (weight {self.weights[term]}) needs {', '.join(missing)}, got None.")
         out: dict[str, torch.Tensor] = {}
-        if self.weights["mi"] > 0:
+        if self.weights["mi"] > 0 and self.weights["cc"] > 0:
+            out["mi"], out["cc"] = self._mi_and_cc(p_hat, p_tilde, image, mask)
+        elif self.weights["mi"] > 0:
             out["mi"] = self.mi(p_hat, p_tilde, mask)
-        if self.weights["cc"] > 0:
+        elif self.weights["cc"] > 0:
             out["cc"] = self.cc((p_hat, p_tilde), image, mask)
         if self.weights["con"] > 0:
             out["con"] = self.con(z_a, z_b, meta_labels)
@@ -204,3 +213,22 @@ class PretrainingObjective(nn.Module):
             out["dense_con"] = self.dense_con(dense_a, dense_b, dense_mask)
         total = sum(self.weights[term] * value for term, value in out.items())
         return {"loss": total, **out}
+
+    def _mi_and_cc(
+        self, p_hat: torch.Tensor, p_tilde: torch.Tensor, image: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``self.mi(p_hat, p_tilde, mask)`` and ``self.cc((p_hat, p_tilde), image, mask)``, same values and
+        gradients, with one pass over the probabilities (:func:`bundle.losses.fused.joint_and_entropy`)."""
+        if p_hat.shape[-2:] != image.shape[-2:] or p_hat.shape[-4] != image.shape[0]:
+            raise ValueError(
+                f"p_hat (shape {tuple(p_hat.shape)}) and image (shape {tuple(image.shape)}) must share B, H and W."
+            )
+        joint, count, ent_hat, ent_tilde, single = joint_and_entropy(p_hat, p_tilde, mask)
+        with _fp32_region(joint.device):
+            values = _mi_loss_from_joint(joint, self.mi.alpha, self.mi.eps, self.mi.symmetric)
+            values = torch.where(count > 0, values, torch.zeros_like(values))
+        mi = _reduce_heads(values, self.mi.reduction, single)
+        with torch.no_grad():
+            edge = sobel_edge_map(image, power=self.cc.edge_power)
+        cc = self.cc.forward_maps(edge, torch.cat([ent_hat, ent_tilde], dim=0), mask)
+        return mi, cc
