@@ -56,7 +56,7 @@ def _timed(fn, repeats: int, warmup: int, device: torch.device) -> tuple[float, 
         fn()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
+    return (statistics.median(times) if times else float("nan")), times
 
 
 def step(
@@ -104,7 +104,7 @@ def step(
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    t_unet, all_unet = _timed(unet_step, repeats, warmup, dev)
+    _timed(unet_step, 0, warmup, dev)
     mem_unet = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _peak_rss_mib()
 
     # --- T + heads + losses, forward + backward into fixed feature maps ----------------------------------
@@ -142,7 +142,7 @@ def step(
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    t_over, all_over = _timed(overhead_step, repeats, warmup, dev)
+    _timed(overhead_step, 0, warmup, dev)
     mem_over = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _peak_rss_mib()
 
     # --- the same work in three parts: T alone, the heads alone, the losses alone (fwd + bwd each) ----------
@@ -180,9 +180,20 @@ def step(
         )
         out["loss"].backward()
 
-    t_t, _ = _timed(t_only, repeats, warmup, dev)
-    t_heads, _ = _timed(heads_only, repeats, warmup, dev)
-    t_losses, _ = _timed(losses_only, repeats, warmup, dev)
+    # interleaved rounds: on a shared machine the speed drifts over minutes, so every round times every part once
+    # and the ratio compares parts measured side by side
+    parts = {"unet": unet_step, "overhead": overhead_step, "t": t_only, "heads": heads_only, "losses": losses_only}
+    for name, fn in parts.items():
+        if name in ("t", "heads", "losses"):
+            _timed(fn, 0, warmup, dev)
+    rounds: dict[str, list[float]] = {name: [] for name in parts}
+    for _ in range(repeats):
+        for name, fn in parts.items():
+            rounds[name].append(_timed(fn, 1, 0, dev)[0])
+    med = {name: statistics.median(times) for name, times in rounds.items()}
+    t_unet, t_over, t_t, t_heads, t_losses = (med[k] for k in ("unet", "overhead", "t", "heads", "losses"))
+    all_unet, all_over = rounds["unet"], rounds["overhead"]
+    per_round_ratio = [(rounds["t"][i] + rounds["losses"][i]) / rounds["unet"][i] for i in range(repeats)]
 
     result = {
         "device": str(dev),
@@ -204,6 +215,7 @@ def step(
         "t_dense_heads_s": round(t_heads, 4),
         "t_losses_s": round(t_losses, 4),
         "ratio_t_plus_losses_to_unet": round((t_t + t_losses) / t_unet, 4),
+        "ratio_t_plus_losses_to_unet_per_round": [round(r, 4) for r in per_round_ratio],
         "peak_mem_mib_after_unet": round(mem_unet, 1),
         "peak_mem_mib_after_overhead": round(mem_over, 1),
         "memory_kind": "cuda max_memory_allocated" if dev.type == "cuda" else "process peak RSS",
