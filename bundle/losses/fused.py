@@ -14,7 +14,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 
 from bundle.losses.mutual_information import (
     DEFAULT_LOG_EPS,
-    _at_least_fp32,
+    _batch_major,
     _check_pair,
     _fp32_region,
 )
@@ -85,14 +85,7 @@ def joint_and_entropy(
     heads_hat, heads_tilde, mask, single = _check_pair(p_hat, p_tilde, mask)
     n_heads, batch, k, height, width = heads_hat.shape
     with _fp32_region(heads_hat.device):
-        a = _at_least_fp32(heads_hat).transpose(0, 1).reshape(batch * n_heads, k, height * width)
-        b = _at_least_fp32(heads_tilde).transpose(0, 1).reshape(batch * n_heads, k, height * width)
-        if mask is None:
-            weights = None
-            count = torch.full((), batch * height * width, dtype=a.dtype, device=a.device)
-        else:
-            weights = mask.reshape(batch, height * width)
-            count = mask.sum()
+        a, b, weights, count = _batch_major(heads_hat, heads_tilde, mask)
         joints, ent_a, ent_b = _JointEntropyFunction.apply(a, b, weights, float(eps))
         joint = joints.view(batch, n_heads, k, k).sum(dim=0) / count.clamp_min(1.0)
 

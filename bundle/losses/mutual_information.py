@@ -399,19 +399,27 @@ def _joint(
     heads_hat: torch.Tensor, heads_tilde: torch.Tensor, mask: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Joint ``M,K,K`` (fp32) and the number of valid pixels (0-d); one bmm over all heads and images."""
+    n_heads, batch, k = heads_hat.shape[:3]
+    a, b, weights, count = _batch_major(heads_hat, heads_tilde, mask)
+    joint = _WeightedJointFunction.apply(a, b, weights).view(batch, n_heads, k, k).sum(dim=0)
+    return joint / count.clamp_min(1.0), count
+
+
+def _batch_major(
+    heads_hat: torch.Tensor, heads_tilde: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``M,B,K,H,W`` views -> batch-major ``B*M,K,N`` operands (fp32 at least), pixel weights ``B,N`` (or None) and
+    the number of valid pixels (0-d).
+
+    Batch-major is a free view of the dense head's output layout (``B,M,K,H,W`` in memory, handed over as an
+    ``M,B,K,H,W`` transposed view); a contiguous ``M,B,K,H,W`` input costs one copy either way.
+    """
     n_heads, batch, k, height, width = heads_hat.shape
-    # batch-major (B*M, K, N): a free view of the dense head's output layout (B,M,K,H,W in memory, handed over as
-    # an M,B,K,H,W transposed view); a contiguous M,B,K,H,W input costs one copy either way
     a = _at_least_fp32(heads_hat).transpose(0, 1).reshape(batch * n_heads, k, height * width)
     b = _at_least_fp32(heads_tilde).transpose(0, 1).reshape(batch * n_heads, k, height * width)
     if mask is None:
-        weights = None
-        count = torch.full((), batch * height * width, dtype=torch.float32, device=a.device)
-    else:
-        weights = mask.reshape(batch, height * width)
-        count = mask.sum()
-    joint = _WeightedJointFunction.apply(a, b, weights).view(batch, n_heads, k, k).sum(dim=0)
-    return joint / count.clamp_min(1.0), count
+        return a, b, None, torch.full((), batch * height * width, dtype=a.dtype, device=a.device)
+    return a, b, mask.reshape(batch, height * width), mask.sum()
 
 
 def _mi_loss_from_joint(joint: torch.Tensor, alpha: float, eps: float, symmetric: bool) -> torch.Tensor:
