@@ -294,3 +294,41 @@ def test_gradients_match_finite_differences() -> None:
     mask[1, :, :, 4] = 0
     loss = BoundaryCrossCorrelationLoss(window=3, reduction="none")
     assert torch.autograd.gradcheck(lambda p: loss(p, image, mask), (probs,), fast_mode=True)
+
+
+def test_box_sum_counts_in_image_neighbours() -> None:
+    # the window sum of ones is the number of in-image pixels in each window: 3x3 = 9 at a corner of a 5x5
+    # window, 3x5 = 15 along an edge, 25 inside
+    ones = torch.ones(1, 1, 7, 8)
+    sums, _ = boundary._box_sum_(ones.clone(), 5)
+    assert sums[0, 0, 0, 0] == 9 and sums[0, 0, 0, 3] == 15 and sums[0, 0, 3, 3] == 25 and sums[0, 0, 6, 7] == 9
+    x = _random(2, 3, 6, 7, seed=30)
+    naive = torch.zeros_like(x)
+    for i in range(6):
+        for j in range(7):
+            naive[..., i, j] = x[..., max(i - 1, 0) : i + 2, max(j - 1, 0) : j + 2].sum(dim=(-2, -1))
+    torch.testing.assert_close(boundary._box_sum_(x.clone(), 3)[0], naive)
+
+
+@pytest.mark.parametrize(("window", "positive_only", "with_mask"), [(5, True, False), (3, False, True)])
+def test_gradients_match_finite_differences_without_mask_and_signed(window, positive_only, with_mask) -> None:
+    probs = _random_probs(2, 2, 3, 7, 6, seed=23).double().requires_grad_()
+    image = _random(2, 1, 7, 6, seed=24).double()
+    mask = None
+    if with_mask:
+        mask = torch.ones(2, 1, 7, 6, dtype=torch.float64)
+        mask[0, :, 5:] = 0
+    loss = BoundaryCrossCorrelationLoss(window=window, positive_only=positive_only, reduction="none")
+    assert torch.autograd.gradcheck(lambda p: loss(p, image, mask), (probs,), fast_mode=True)
+
+
+def test_second_backward_through_the_same_graph_is_exact() -> None:
+    # the backward writes into buffers of the forward; a retained graph must still give the same gradient twice
+    probs = _random_probs(2, 2, 4, 9, 9, seed=25).requires_grad_()
+    image, mask = _random(2, 1, 9, 9, seed=26), torch.ones(2, 1, 9, 9)
+    mask[1, :, :, :2] = 0
+    value = BoundaryCrossCorrelationLoss()(probs, image, mask)
+    (first,) = torch.autograd.grad(value, probs, retain_graph=True)
+    (second,) = torch.autograd.grad(value, probs)
+    torch.testing.assert_close(first, second)
+    assert first.abs().sum() > 0
