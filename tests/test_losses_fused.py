@@ -72,3 +72,17 @@ def test_fused_path_is_finite_on_one_hot_input():
     out = PretrainingObjective.from_variant("mi_cc")(p_hat=a, p_tilde=b, image=torch.rand(2, 1, s, s))
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()
+
+
+def test_second_backward_through_the_same_graph_is_exact() -> None:
+    # the first backward overwrites the saved logarithms with the gradient; a retained graph recomputes them
+    p_hat, p_tilde = _probs((3, 2, 4, 6, 6), 6).float(), _probs((3, 2, 4, 6, 6), 7).float()
+    mask = torch.ones(2, 1, 6, 6)
+    mask[0, :, :2] = 0
+    a, b = p_hat.requires_grad_(True), p_tilde.requires_grad_(True)
+    out = PretrainingObjective.from_variant("mi_cc")(p_hat=a, p_tilde=b, image=torch.rand(2, 1, 6, 6), mask=mask)
+    first = torch.autograd.grad(out["loss"], (a, b), retain_graph=True)
+    second = torch.autograd.grad(out["loss"], (a, b))
+    for g1, g2 in zip(first, second, strict=True):
+        torch.testing.assert_close(g1, g2)
+        assert g1.abs().sum() > 0

@@ -24,24 +24,25 @@ __all__ = ["joint_and_entropy"]
 
 class _JointEntropyFunction(torch.autograd.Function):
     """Batch-major ``a``, ``b`` (``B*M,K,N``), weights ``B,N`` or None ->
-    (per-image joints ``B*M,K,K`` = ``a diag(w) b^T``, entropies ``B*M,N`` of ``a`` and of ``b``)."""
+    (per-image joints ``B*M,K,K`` = ``a diag(w) b^T``, entropies ``B*M,N`` of ``a`` and of ``b``).
+
+    Written for memory traffic (fresh full-size allocations are the dominant cost on CPU): the forward allocates two
+    full-size buffers per view -- ``log max(p, eps)``, kept for the backward, and one work buffer that first holds
+    ``p log p`` and then the weighted ``p diag(w)`` -- and the backward allocates none: each gradient
+    ``-(log max(p, eps) + 1) g_ent + G (q diag(w))`` is written into the log buffer it consumes.  A second backward
+    through the same graph (``retain_graph=True``, gradcheck) recomputes the logarithms, so it stays exact.
+    """
 
     @staticmethod
     def forward(
         ctx: FunctionCtx, a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor | None, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        log_a = a.clamp_min(eps).log_()
-        log_b = b.clamp_min(eps).log_()
-        ent_a = (a * log_a).sum(dim=1).neg_()
-        ent_b = (b * log_b).sum(dim=1).neg_()
-        if weights is None:
-            weighted_a = a
-        else:
-            batch = weights.shape[0]
-            weighted_a = (a.view(batch, -1, *a.shape[1:]) * weights[:, None, None, :]).view_as(a)
+        log_a, ent_a, weighted_a = _log_entropy_weighted(a, weights, eps)
+        log_b, ent_b, weighted_b = _log_entropy_weighted(b, weights, eps)
         joint = torch.bmm(weighted_a, b.transpose(1, 2))
-        # d entropy / dp = -(log max(p, eps) + 1); keep the "+1" version for the backward
-        ctx.save_for_backward(weighted_a, b, weights, log_a.add_(1.0), log_b.add_(1.0))
+        ctx.save_for_backward(a, b, weights, weighted_a, weighted_b)
+        ctx.eps = eps  # type: ignore[attr-defined]
+        ctx.logs = [log_a, log_b]  # type: ignore[attr-defined]  # consumed (overwritten) by the first backward
         return joint, ent_a, ent_b
 
     @staticmethod
@@ -49,19 +50,36 @@ class _JointEntropyFunction(torch.autograd.Function):
     def backward(
         ctx: FunctionCtx, g_joint: torch.Tensor, g_ent_a: torch.Tensor, g_ent_b: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
-        weighted_a, b, weights, slope_a, slope_b = ctx.saved_tensors  # type: ignore[attr-defined]
+        a, b, _, weighted_a, weighted_b = ctx.saved_tensors  # type: ignore[attr-defined]
+        logs = ctx.logs  # type: ignore[attr-defined]
+        ctx.logs = [None, None]  # type: ignore[attr-defined]
         need_a, need_b = ctx.needs_input_grad[:2]  # type: ignore[attr-defined]
-        grad_a = grad_b = None
-        if need_a:
-            grad_a = torch.bmm(g_joint, b)
-            if weights is not None:
-                batch = weights.shape[0]
-                grad_a.view(batch, -1, *grad_a.shape[1:]).mul_(weights[:, None, None, :])
-            grad_a.addcmul_(slope_a, g_ent_a.unsqueeze(1), value=-1.0)
-        if need_b:
-            grad_b = torch.bmm(g_joint.transpose(1, 2), weighted_a)
-            grad_b.addcmul_(slope_b, g_ent_b.unsqueeze(1), value=-1.0)
-        return grad_a, grad_b, None, None
+        grads: list[torch.Tensor | None] = [None, None]
+        operands = ((a, g_ent_a, g_joint, weighted_b), (b, g_ent_b, g_joint.transpose(1, 2), weighted_a))
+        for index, (need, (p, g_ent, g_mat, other)) in enumerate(zip((need_a, need_b), operands, strict=True)):
+            if not need:
+                continue
+            log_p = logs[index] if logs[index] is not None else p.clamp_min(ctx.eps).log_()  # type: ignore[attr-defined]
+            # d H / dp = -(log max(p, eps) + 1): -(log p + 1) g = -g + log p * (-g), written over log p
+            neg_g = g_ent.neg().unsqueeze(1)
+            grad = torch.addcmul(neg_g, log_p, neg_g, out=log_p)
+            grads[index] = grad.baddbmm_(g_mat, other)
+        return grads[0], grads[1], None, None
+
+
+def _log_entropy_weighted(
+    p: torch.Tensor, weights: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``log max(p, eps)``, the entropy ``-sum_k p log max(p, eps)`` (``B*M,N``) and ``p diag(w)`` (``p`` itself
+    without weights) of a batch-major ``B*M,K,N`` operand; two full-size allocations."""
+    log_p = torch.clamp_min(p, eps).log_()
+    work = torch.mul(p, log_p)
+    entropy = work.sum(dim=1).neg_()
+    if weights is None:
+        return log_p, entropy, p
+    per_image = (weights.shape[0], -1, *p.shape[1:])  # B,M,K,N
+    torch.mul(p.view(per_image), weights[:, None, None, :], out=work.view(per_image))
+    return log_p, entropy, work
 
 
 def joint_and_entropy(
