@@ -165,23 +165,25 @@ class PretrainTrainer(SupervisedTrainer):
             feats = self.features(torch.cat([x, x_t]), with_logits=False)
         out: dict[str, torch.Tensor] = {"image_t": x_t, "mask": valid}
         terms = set(self.objective.active_terms)
-        dec = feats["decoder"]
         if terms & {"mi", "cc", "imsat", "dense_con"}:
-            dec_tx, _ = tr.apply(dec[:b], params)  # T(s(x)), aligned with s(T x) = dec[b:]
+            # split, not slicing: the backward of two slices would allocate and zero-fill the whole 2B decoder
+            # gradient twice, the backward of a split concatenates the two halves once
+            dec_x, dec_t = feats["decoder"].split(b)
+            dec_tx, _ = tr.apply(dec_x, params)  # T(s(x)), aligned with s(T x) = dec_t
             if self.dense_head is not None and terms & {"mi", "cc", "imsat"}:
                 # two head calls rather than one on the concatenation: slicing an M,2B,K,H,W result would make the
                 # backward allocate and fill that whole tensor twice
-                out["p_hat"] = self.dense_head(dec[b:])  # M,B,K,H,W fp32 softmax
+                out["p_hat"] = self.dense_head(dec_t)  # M,B,K,H,W fp32 softmax
                 out["p_tilde"] = self.dense_head(dec_tx)
             if self.dense_projector is not None and "dense_con" in terms:
-                emb = self.dense_projector(torch.cat([dec[b:], dec_tx]))
+                emb = self.dense_projector(torch.cat([dec_t, dec_tx]))
                 out["dense_a"], out["dense_b"] = emb[:b], emb[b:]
                 grid = emb.shape[-2:]
                 out["dense_mask"] = (torch.nn.functional.adaptive_avg_pool2d(valid, grid) > 0.999).to(valid.dtype)
         if "con" in terms and self.global_head is not None:
-            enc = feats["encoder"]
-            enc_tx, enc_valid = tr.apply(enc[:b], params)  # T(e(x)), aligned with e(T x) = enc[b:]
-            z = self.global_head(torch.cat([enc_tx, enc[b:]]), torch.cat([enc_valid, enc_valid]))
+            enc_x, enc_t = feats["encoder"].split(b)
+            enc_tx, enc_valid = tr.apply(enc_x, params)  # T(e(x)), aligned with e(T x) = enc_t
+            z = self.global_head(torch.cat([enc_tx, enc_t]), torch.cat([enc_valid, enc_valid]))
             out["z_a"], out["z_b"] = z[:b], z[b:]
         return out
 

@@ -125,10 +125,11 @@ def step(
         params = params.to(dev)
         x_t, valid = tr.apply_image(x, params)
         with torch.autocast(dev.type, dtype=torch.float16, enabled=use_amp):
-            dec_tx, _ = tr.apply(dec[:batch], params)
-            p_hat, p_tilde = dense_head(dec[batch:]), dense_head(dec_tx)
-            enc_tx, enc_valid = tr.apply(enc[:batch], params)
-            z = global_head(torch.cat([enc_tx, enc[batch:]]), torch.cat([enc_valid, enc_valid]))
+            (dec_x, dec_t), (enc_x, enc_t) = dec.split(batch), enc.split(batch)  # as PretrainTrainer does
+            dec_tx, _ = tr.apply(dec_x, params)
+            p_hat, p_tilde = dense_head(dec_t), dense_head(dec_tx)
+            enc_tx, enc_valid = tr.apply(enc_x, params)
+            z = global_head(torch.cat([enc_tx, enc_t]), torch.cat([enc_valid, enc_valid]))
         out = objective(
             p_hat=p_hat,
             p_tilde=p_tilde,
@@ -149,11 +150,11 @@ def step(
     params0 = tr.sample(batch, generator=torch.Generator().manual_seed(transform_seed(seed, 0))).to(dev)
 
     def t_only() -> None:
-        dec = dec0.detach().requires_grad_(True)
-        enc = enc0.detach().requires_grad_(True)
+        dec = dec0[:batch].detach().requires_grad_(True)
+        enc = enc0[:batch].detach().requires_grad_(True)
         x_t, _ = tr.apply_image(x, params0)
-        dec_tx, _ = tr.apply(dec[:batch], params0)
-        enc_tx, _ = tr.apply(enc[:batch], params0)
+        dec_tx, _ = tr.apply(dec, params0)
+        enc_tx, _ = tr.apply(enc, params0)
         (dec_tx.float().sum() + enc_tx.float().sum()).backward()
 
     with torch.no_grad():
