@@ -23,7 +23,7 @@ from torch.optim import Optimizer
 
 from bundle.losses import PretrainingObjective
 from bundle.networks import DenseClusterHead, DenseProjectionHead, FeatureUNet, GlobalProjectionHead
-from bundle.transforms import EquivariantTransform
+from bundle.transforms import EquivariantTransform, TransformParams
 
 __all__ = ["PretrainTrainer", "NonFiniteLossError", "backward_and_step", "trainable_parameters", "transform_seed"]
 
@@ -160,9 +160,16 @@ class PretrainTrainer(SupervisedTrainer):
         self._generator.manual_seed(transform_seed(self.seed, self.state.iteration))
         params = tr.sample(x.shape[0], generator=self._generator).to(x.device)
         x_t, valid = tr.apply_image(x, params)
-        b = x.shape[0]
+        # one autocast region for the network, T and the heads: the heads' 1x1 convolutions take the network's
+        # half-precision features under AMP (the dense head returns fp32 probabilities; the losses run in fp32)
         with torch.autocast(device_type=x.device.type, dtype=self.amp_dtype, enabled=self.amp):
-            feats = self.features(torch.cat([x, x_t]), with_logits=False)
+            return self._aligned_views(x, x_t, valid, params)
+
+    def _aligned_views(
+        self, x: torch.Tensor, x_t: torch.Tensor, valid: torch.Tensor, params: TransformParams
+    ) -> dict[str, torch.Tensor]:
+        tr, b = self.transform, x.shape[0]
+        feats = self.features(torch.cat([x, x_t]), with_logits=False)
         out: dict[str, torch.Tensor] = {"image_t": x_t, "mask": valid}
         terms = set(self.objective.active_terms)
         if terms & {"mi", "cc", "imsat", "dense_con"}:

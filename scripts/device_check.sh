@@ -10,6 +10,8 @@
 # Every step runs even when an earlier one failed; the exit status counts the failures.
 # Usage (repository root; needs monai, nibabel, pytorch-ignite and fire importable):
 #   OUT=<results folder> bash scripts/device_check.sh
+# STEPS="data pretrain finetune evaluate" runs only those steps; with TAR=<file> the results folder is packed into
+# that file after every step (what survives a time limit).
 set -uo pipefail
 OUT=${OUT:-runs/device_check}
 ROOT=${ROOT:-runs/device_check_bundle}
@@ -21,10 +23,12 @@ TRAIN_CONFIG=${TRAIN_CONFIG:-configs/train.json}
 EVALUATE_CONFIG=${EVALUATE_CONFIG:-"['configs/train.json','configs/evaluate.json']"}
 mkdir -p "$OUT" "$ROOT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=".:${PYTHONPATH:-}"
+STEPS=${STEPS:-losses step_benchmark data loader_2_workers loader_8_workers pretrain finetune evaluate}
 failures=0
 step() {  # step NAME LOGFILE COMMAND...: run, keep the whole output in $OUT/LOGFILE, time it
     local name=$1 logfile=$2
     shift 2
+    case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
     echo "=== $(date +%T) $name: $*"
     local start=$SECONDS
     "$@" >"$OUT/$logfile" 2>&1
@@ -33,6 +37,7 @@ step() {  # step NAME LOGFILE COMMAND...: run, keep the whole output in $OUT/LOG
     echo "=== $name: exit $rc after $((SECONDS - start)) s"
     echo "$name $rc $((SECONDS - start))" >>"$OUT/steps.txt"
     [ $rc -eq 0 ] || failures=$((failures + 1))
+    if [ -n "${TAR:-}" ]; then tar czf "$TAR" -C "$(dirname "$OUT")" "$(basename "$OUT")"; fi
 }
 bundle() {  # bundle RUN_ID CONFIG_FILE OVERRIDES...
     local run_id=$1 config=$2

@@ -167,3 +167,19 @@ def test_monitor_warns_on_collapse_and_writes_pictures(tmp_path, caplog):
     assert health["marginal_entropy"] == pytest.approx(0.0, abs=1e-6) and health["dead_clusters"] == k - 1
     pngs = list((tmp_path / "pictures").glob("iteration_*.png"))
     assert len(pngs) == 1 and pngs[0].stat().st_size > 0
+
+
+@pytest.mark.parametrize("variant", ["ours", "dense_contrast"])
+def test_views_under_autocast_feed_half_precision_features_to_the_heads(variant):
+    # on CUDA the trainer runs with float16 autocast; bfloat16 autocast on the CPU exercises the same path: the
+    # network's low-precision features must reach T and every head inside the autocast region
+    trainer = _trainer(PretrainingObjective.from_variant(variant), _batches(1))
+    trainer.amp, trainer.amp_dtype = True, torch.bfloat16
+    trainer.state.iteration = 1
+    views = trainer._views(_batches(1)[0]["image"])
+    heads = ("p_hat", "p_tilde", "z_a", "z_b") if variant == "ours" else ("dense_a", "dense_b")
+    for name in heads:
+        assert torch.isfinite(views[name].float()).all(), name
+    if variant == "ours":
+        assert views["p_hat"].dtype == torch.float32  # the dense head's softmax is fp32
+        assert views["p_hat"].shape == (2, 4, 5, 32, 32)
