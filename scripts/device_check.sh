@@ -70,6 +70,7 @@ finetune=(--epochs 4 --iterations 100 --warmup_epochs 1 --lr 0.001 --num_labeled
 step finetune finetune.log bundle training "$TRAIN_CONFIG" "${finetune[@]}"
 step evaluate evaluate.log bundle evaluating "$EVALUATE_CONFIG" "${finetune[@]}"
 cp "$ROOT/runs/evaluate/metrics_summary.json" "$OUT/" 2>/dev/null
+if [ -n "${TAR:-}" ]; then tar czf "$TAR" -C "$(dirname "$OUT")" "$(basename "$OUT")"; fi
 cat "$OUT/steps.txt"
 echo "failures: $failures"
 exit "$failures"
