@@ -163,14 +163,17 @@ def step(
         p_hat0, p_tilde0 = dense_head(dec0[batch:].float()), dense_head(dec_tx0.float())
         enc_tx0, enc_valid0 = tr.apply(enc0[:batch], params0)
         z0 = global_head(torch.cat([enc_tx0, enc0[batch:]]).float(), torch.cat([enc_valid0, enc_valid0]).float())
-    g_p = torch.randn(p_hat0.shape, generator=g).to(dev)
+    # the heads' incoming gradient as training produces it: fp32, in the batch-major layout the losses write (an
+    # M,B,K,H,W transposed view of a contiguous B,M,K,H,W tensor), fed straight to backward (no extra product)
+    g_p = torch.randn(p_hat0.transpose(0, 1).shape, generator=g).to(dev).transpose(0, 1)
 
     def heads_only() -> None:
         dense_head.zero_grad(set_to_none=True)
         d_a = dec0[batch:].detach().requires_grad_(True)
         d_b = dec_tx0.detach().requires_grad_(True)
         with torch.autocast(dev.type, dtype=torch.float16, enabled=use_amp):
-            ((dense_head(d_a) * g_p).sum() + (dense_head(d_b) * g_p).sum()).backward()
+            outputs = [dense_head(d_a), dense_head(d_b)]
+        torch.autograd.backward(outputs, [g_p, g_p])
 
     def losses_only() -> None:
         ph = p_hat0.detach().requires_grad_(True)
