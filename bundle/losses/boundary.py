@@ -270,8 +270,7 @@ class _LocalCorrelationFunction(torch.autograd.Function):
         r^2 = c^2 / (var_phi v),  loss = -sum_i w_i r_i^2 / sum_i w_i.
 
     The three moments are box-filtered in place in one ``M*B,3,H,W`` buffer (three such buffers in all, forward
-    and backward); the backward
-    is the adjoint: per pixel ``g_X = 2 c k``, ``g_sq = -c^2 k / v [sq - mu^2 > eps]``,
+    and backward); the backward is the adjoint: per pixel ``g_X = 2 c k``, ``g_sq = -c^2 k / v [sq - mu^2 > eps]``,
     ``g_mu = -S(w phi) g_X - 2 mu g_sq`` with ``k = -g w / (count var_phi v)``, then (the zero-padded box sum is
     self-adjoint) ``G = box_sum(g / norm)`` and ``d loss / d psi = w (G_mu + 2 psi G_sq + phi G_X)``.
     """
@@ -335,10 +334,9 @@ class _LocalCorrelationFunction(torch.autograd.Function):
         torch.mul(cov, cov, out=g_sq).mul_(k).div_(var).mul_(above).neg_()  # d r^2 / d v (0 where floored)
         torch.mul(g_cov, geo.phi_mean, out=g_mu).neg_().addcmul_(mu, g_sq, value=-2.0)
         stack.div_(geo.norm)
-        _box_sum_(stack.view(n_heads * batch, 3, height, width), geo.window)
-        adjoint = stack
-        grad_psi = adjoint[:, :, 0:1].addcmul(psi, adjoint[:, :, 1:2], value=2.0)
-        grad_psi.addcmul_(geo.phi, adjoint[:, :, 2:3])
+        _box_sum_(stack.view(n_heads * batch, 3, height, width), geo.window)  # the adjoint G, in place
+        grad_psi = stack[:, :, 0:1].addcmul(psi, stack[:, :, 1:2], value=2.0)
+        grad_psi.addcmul_(geo.phi, stack[:, :, 2:3])
         if geo.mask is not None:
             grad_psi.mul_(geo.mask)
         return grad_psi.div_(scale), None, None, None

@@ -3,8 +3,9 @@
 When both terms are active, :class:`bundle.losses.PretrainingObjective` scores them through
 :func:`joint_and_entropy` instead of calling the two losses separately. The values and gradients are the same
 (tested against the separate losses); the difference is memory traffic: the probabilities ``M,B,K,H,W`` of each view
-are the largest tensors of a pre-training step, and here their gradient is written once -- the MI part by one matrix
-product, the entropy part added in place -- instead of two full-size gradients that autograd then sums.
+are the largest tensors of a pre-training step, and here each view's gradient is written once, over the forward's saved
+logarithm (the entropy part, then the MI part added by one matrix product), instead of two full-size gradients that
+autograd then sums.
 """
 
 from __future__ import annotations
