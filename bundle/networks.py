@@ -124,16 +124,23 @@ class DenseClusterHead(nn.Module):
         in_channels: decoder feature channels.
         num_clusters: K. Defaults to 40 (the paper).
         num_heads: independent heads M. Defaults to 3 (the authors' code).
+        temperature: the softmax is taken of ``logits / temperature``. Defaults to 1 (the paper). A value below 1
+            starts the heads away from the uniform assignment, where the gradient of the MI loss vanishes, and
+            scales the heads' effective step size by ``1 / temperature``; it changes the parameterisation of
+            ``g``, not the objective.
 
     Returns (forward):
         probabilities ``M,B,K,H,W`` (each ``[:, b, :, h, w]`` sums to one).
 
     Raises:
-        ValueError: when ``num_clusters < 2``, ``num_heads < 1`` or the input is not ``B,in_channels,H,W``.
+        ValueError: when ``num_clusters < 2``, ``num_heads < 1``, ``temperature <= 0`` or the input is not
+            ``B,in_channels,H,W``.
     """
 
-    def __init__(self, in_channels: int, num_clusters: int = 40, num_heads: int = 3) -> None:
+    def __init__(self, in_channels: int, num_clusters: int = 40, num_heads: int = 3, temperature: float = 1.0) -> None:
         super().__init__()
+        if not float(temperature) > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}.")
         if num_clusters < 2:
             raise ValueError(f"num_clusters must be >= 2, got {num_clusters}.")
         if num_heads < 1:
@@ -141,10 +148,11 @@ class DenseClusterHead(nn.Module):
         self.in_channels = in_channels
         self.num_clusters = num_clusters
         self.num_heads = num_heads
+        self.temperature = float(temperature)
         self.proj = nn.Conv2d(in_channels, num_clusters * num_heads, kernel_size=1)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Cluster logits ``B,M,K,H,W`` (contiguous, before the softmax).
+        """Cluster logits ``B,M,K,H,W`` (contiguous, divided by the temperature, before the softmax).
 
         The 1x1 conv is computed as one batched matrix product (``baddbmm``): on CPU about twice as fast as the
         convolution kernel for this shape, forward and backward, with the same ``proj`` parameters.
@@ -156,6 +164,8 @@ class DenseClusterHead(nn.Module):
         weight = self.proj.weight.view(1, mk, c).expand(b, mk, c)
         bias = self.proj.bias.view(1, mk, 1).expand(b, mk, 1)
         y = torch.baddbmm(bias, weight, x.reshape(b, c, h * w))
+        if self.temperature != 1.0:
+            y = y / self.temperature
         return y.view(b, self.num_heads, self.num_clusters, h, w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -183,3 +183,36 @@ def test_views_under_autocast_feed_half_precision_features_to_the_heads(variant)
     if variant == "ours":
         assert views["p_hat"].dtype == torch.float32  # the dense head's softmax is fp32
         assert views["p_hat"].shape == (2, 4, 5, 32, 32)
+
+
+def test_monitor_warns_when_mi_stalls_after_warmup_only(caplog):
+    import logging
+
+    from bundle.handlers.monitor import PretrainMonitor
+
+    b, k, s = 2, 4, 8
+    uniform = torch.full((1, b, k, s, s), 1.0 / k)  # MI exactly 0, marginal entropy log K: no collapse, no cluster
+    views = {"image_t": torch.rand(b, 1, s, s), "mask": torch.ones(b, 1, s, s), "p_hat": uniform, "p_tilde": uniform}
+
+    def _engine(epoch):
+        class _State:
+            iteration, max_epochs = 1, 3
+            output = {"loss": torch.tensor(1.0), "views": views}
+
+        _State.epoch = epoch
+
+        class _Engine:
+            state = _State()
+            optimizer = None
+
+        return _Engine()
+
+    monitor = PretrainMonitor(log_dir=None, log_interval=1, warmup_epochs=1, stall_fraction=0.05)
+    with caplog.at_level(logging.INFO, logger="bundle.pretrain"):
+        for epoch in (1, 2):
+            monitor.iteration_completed(_engine(epoch))
+            monitor.epoch_completed(_engine(epoch))
+    stalls = [r for r in caplog.records if "no clusters yet" in r.message]
+    assert [r.levelno for r in stalls] == [logging.WARNING] and "epoch 2" in stalls[0].message
+    assert any("MI=0.000 nat (0.0% of log K)" in r.message for r in caplog.records)
+    assert not any("cluster collapse" in r.message for r in caplog.records)

@@ -302,6 +302,20 @@ def load_split(
     return [dict(e) for e in entries]
 
 
+def labeled_subset(entries: Sequence[Mapping[str, Any]], limit: int | None = None) -> list[dict[str, Any]]:
+    """The entries that carry a ``"label"``, in order, at most ``limit`` of them (``None``: all); may be empty.
+
+    Used for figures that need labels where a split may hold unlabeled scans (pre-training's cluster health).
+
+    Raises:
+        ValueError: when ``limit`` is below 1.
+    """
+    if limit is not None and int(limit) < 1:
+        raise ValueError(f"limit must be >= 1 or None, got {limit}.")
+    out = [dict(e) for e in entries if e.get("label")]
+    return out if limit is None else out[: int(limit)]
+
+
 def ensure_datalist(
     dataset_dir: str | Path,
     datalist_path: str | Path,

@@ -8,8 +8,11 @@
 - every ``image_interval`` iterations: pictures like the paper's Figures 1-3 -- the transformed input, the
   coloured cluster-assignment map, the cluster-entropy map, the Sobel edge map and the joint matrix P -- in
   TensorBoard and side by side as ``<log_dir>/pictures/iteration_NNNNNNN.png``;
-- every epoch: one log line with the mean of each component and the lr, and a warning when the clustering
-  collapses (marginal entropy below ``collapse_fraction * log K``).
+- every epoch: one log line with the mean of each component, the lr and the mutual information (in nats and as a
+  fraction of ``log K``), a warning when the clustering collapses (marginal entropy below
+  ``collapse_fraction * log K``) and a warning when, after the lr warm-up, the two views' cluster assignments
+  still share almost no information (MI below ``stall_fraction * log K``: the heads sit at the uniform
+  assignment, where the MI gradient vanishes, so no cluster forms).
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ class PretrainMonitor:
         image_interval: iterations between picture writes (also written at the first iteration).
         collapse_fraction: warn when the marginal cluster entropy is below this fraction of ``log K``.
         optimizer: read the learning rate from its first parameter group.
+        stall_fraction: warn when the MI is below this fraction of ``log K`` after ``warmup_epochs``.
+        warmup_epochs: epochs of lr warm-up, during which a low MI is expected and not warned about.
     """
 
     def __init__(
@@ -65,16 +70,22 @@ class PretrainMonitor:
         image_interval: int = 200,
         collapse_fraction: float = 0.5,
         optimizer: torch.optim.Optimizer | None = None,
+        stall_fraction: float = 0.05,
+        warmup_epochs: int = 0,
     ) -> None:
         if log_interval < 1 or image_interval < 1:
             raise ValueError(f"intervals must be >= 1, got log {log_interval}, image {image_interval}.")
         if not 0.0 <= collapse_fraction <= 1.0:
             raise ValueError(f"collapse_fraction must be in [0, 1], got {collapse_fraction}.")
+        if not 0.0 <= stall_fraction <= 1.0:
+            raise ValueError(f"stall_fraction must be in [0, 1], got {stall_fraction}.")
         self.log_dir = None if log_dir is None else Path(log_dir)
         self.log_interval = int(log_interval)
         self.image_interval = int(image_interval)
         self.collapse_fraction = float(collapse_fraction)
         self.optimizer = optimizer
+        self.stall_fraction = float(stall_fraction)
+        self.warmup_epochs = int(warmup_epochs)
         self._writer = None
         self._sums: dict[str, float] = defaultdict(float)
         self._count = 0
@@ -132,7 +143,8 @@ class PretrainMonitor:
         if self._last_health:
             h = self._last_health
             parts.append(
-                f"clusters: MI={h['mutual_information']:.3f} H(marg)={h['marginal_entropy']:.3f}/"
+                f"clusters: MI={h['mutual_information']:.3f} nat ({h['mutual_information'] / h['log_k']:.1%} of log K) "
+                f"H(marg)={h['marginal_entropy']:.3f}/"
                 f"{h['log_k']:.3f} dead={int(h['dead_clusters'])}"
             )
         logger.info(f"epoch {engine.state.epoch}/{engine.state.max_epochs}: " + " ".join(parts))
@@ -144,6 +156,14 @@ class PretrainMonitor:
                     f"< {self.collapse_fraction:g} x log K = {self.collapse_fraction * h['log_k']:.3f} "
                     f"({int(h['dead_clusters'])} of {int(h['k'])} clusters dead). Consider a larger alpha, a lower "
                     "lr, or checking the input normalisation."
+                )
+            stalled = h["mutual_information"] < self.stall_fraction * h["log_k"]
+            if stalled and engine.state.epoch > self.warmup_epochs:
+                logger.warning(
+                    f"no clusters yet at epoch {engine.state.epoch}: MI {h['mutual_information']:.3f} nat < "
+                    f"{self.stall_fraction:g} x log K = {self.stall_fraction * h['log_k']:.3f} after the warm-up. The "
+                    "heads are still near the uniform assignment; consider a lower cluster_temperature, a higher lr "
+                    "or more iterations."
                 )
         if self.writer is not None:
             for k, v in means.items():
