@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine
+from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from torch import nn
 
@@ -23,6 +24,7 @@ from bundle.finetune import (
     ENCODER_MODULES,
     FreezeEncoder,
     MeanTeacherTrainer,
+    batch_statistics_only,
     load_pretrained,
     segmentation_loss,
 )
@@ -408,3 +410,50 @@ def test_mean_teacher_overlay_runs_end_to_end(bundle_workflow, tiny_overrides, t
     student = wf.parser.get_parsed_content("network")
     assert not torch.equal(teacher.final_conv.weight, student.final_conv.weight)
     assert (tmp_path / "models" / "model.pt").is_file()
+
+
+def _bn_net(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return FeatureUNet(in_channels=1, out_channels=3, features=(4, 4, 4, 4, 4, 4))
+
+
+def test_mean_teacher_with_zero_weight_trains_exactly_like_the_plain_fine_tune() -> None:
+    """With a BatchNorm network: weights **and running statistics** after 3 steps equal the plain trainer's, so the
+    unlabeled, T-transformed slices never leak into what validation and inference normalise with."""
+    gen = torch.Generator().manual_seed(3)
+    labeled = [{"image": torch.rand(2, 1, 16, 16, generator=gen), "label": torch.randint(0, 3, (2, 1, 16, 16),
+                                                                                            generator=gen)}
+               for _ in range(3)]
+    unlabeled = [{"image": torch.rand(2, 1, 16, 16, generator=gen) * 3.0 + 1.0} for _ in range(2)]  # other stats
+    plain_net, mt_net = _bn_net(0), _bn_net(0)
+    plain = SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=labeled, network=plain_net,
+                              optimizer=torch.optim.SGD(plain_net.parameters(), lr=0.1),
+                              loss_function=segmentation_loss("ce"), decollate=False)
+    mt = MeanTeacherTrainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=labeled, network=mt_net,
+                            optimizer=torch.optim.SGD(mt_net.parameters(), lr=0.1),
+                            loss_function=segmentation_loss("ce"), teacher=copy.deepcopy(mt_net),
+                            unlabeled_data_loader=unlabeled, transform=EquivariantTransform(), consistency_weight=0.0,
+                            decollate=False)
+    plain.run()
+    mt.run()
+    for (name, a), (_, b) in zip(plain_net.state_dict().items(), mt_net.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name} differs")
+
+
+def test_batch_statistics_only_uses_batch_stats_keeps_running_stats_and_restores() -> None:
+    bn = nn.BatchNorm2d(2).train()
+    net = nn.Sequential(bn)
+    x = torch.randn(4, 2, 5, 5) * 3 + 2
+    before = (bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked))
+    with batch_statistics_only(net):
+        y = net(x)
+    expected = (x - x.mean(dim=(0, 2, 3), keepdim=True)) / torch.sqrt(x.var(dim=(0, 2, 3), unbiased=False,
+                                                                            keepdim=True) + bn.eps)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
+    assert int(bn.num_batches_tracked) == before[2] and bn.track_running_stats
+    with pytest.raises(RuntimeError), batch_statistics_only(net):
+        raise RuntimeError("boom")
+    assert bn.track_running_stats
+    net(x)  # outside the block the running statistics move again
+    assert not torch.equal(bn.running_mean, before[0])
