@@ -10,13 +10,16 @@ Each step is one ``python -m monai.bundle run ...`` command, printed before it r
 worked example of the bundle's command lines. Outputs go under ``--bundle_root`` (default ``runs/demo``): the
 shared datalist, the pre-trained weights ``models/pretrained/unet_ssl.pt``, the fine-tuned ``models/model.pt``
 (with pre-training) and ``scratch/models/model.pt`` (without), and each arm's ``evaluate/metrics_*``. At the end the
-test-set 3D Dice per class of both arms is printed side by side and written to ``demo_summary.json``.
+test-set 3D Dice per class of both arms is printed side by side and written to ``demo_summary.json``. After
+pre-training it prints the label-free health figures: the mutual information between the two views' cluster
+assignments and the cluster Dice (cluster maps matched to the validation labels by majority vote).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -59,6 +62,19 @@ def _run(run_id: str, configs: list[str], overrides: dict[str, Any], log: Path) 
         raise SystemExit(f"step failed (exit {proc.returncode}) after {seconds:.0f} s; end of {log}:\n{tail}")
     print(f"  done in {seconds:.0f} s (log: {log})", flush=True)
     return seconds
+
+
+def _pretrain_health(folder: Path, log: Path) -> str:
+    """The label-free figures of the finished pre-training: last MI (nats, fraction of log K) and cluster Dice."""
+    mi = re.findall(r"clusters: MI=([0-9.]+) nat \(([0-9.]+)% of log K\)", log.read_text())
+    text = f"  pre-training MI between the views' clusters: {mi[-1][0]} nat ({mi[-1][1]} % of log K)" if mi else ""
+    health = folder / "cluster_health.jsonl"
+    if health.is_file():
+        last = json.loads(health.read_text().splitlines()[-1])
+        per_class = ", ".join(f"{k} {v:.3f}" for k, v in last["per_class"].items())
+        text += (f"\n  cluster Dice (majority-vote match on {last['scans']} validation scans, a health figure): "
+                 f"{per_class}, mean {last['mean']:.3f}")
+    return text
 
 
 def _summary_dice(path: Path) -> dict[str, float]:
@@ -110,6 +126,7 @@ def main(
         "resume": False,
     }
     times["pretrain"] = _run("training", ["pretrain.json", "quick.json"], pretrain, log)
+    print(_pretrain_health(root / "pretrain", log), flush=True)
 
     finetune = {
         **common,

@@ -1,0 +1,563 @@
+"""Does pre-training pay off? Methods x labeled-scan counts x seeds, each run with the bundle's own configs.
+
+Usage (python-fire)::
+
+    python -m scripts.study --dataset_dir ../shared/data/acdc --out_dir runs/study/acdc \\
+        --methods "[scratch,ours,mt_ours]" --labeled "[1,2,4]" --seeds "[0,1,2]" --budget cpu
+    python -m scripts.study --out_dir runs/study/acdc --report_only True     # tables and plots from finished runs
+    python -m scripts.study --help
+
+What one study does, in order (every step is one ``python -m monai.bundle run ...`` command, logged in its folder):
+
+1. **Datalist.** One patient-level split for the whole study (``<out_dir>/datalist.json``; its hash goes in every
+   row), with the labeled subsets of every requested count and seed.
+2. **Pre-training**, once per pre-training method (``configs/pretrain.json`` + the budget; seed ``pretrain_seed``),
+   shared by every fine-tune that starts from it.
+3. **Fine-tuning** (``configs/train.json`` [+ ``configs/mean_teacher.json``]) with the same recipe for every method:
+   for each (method, labeled count) the lr is chosen from ``lrs`` by the best validation 3D Dice of the first seed,
+   then used for every seed. Model selection (the best validation epoch) uses the validation split only.
+4. **Evaluation** of each selected model, once, on the test split (``configs/evaluate.json``).
+5. **Report**: ``runs.csv`` (one row per run), ``results.md`` (the paper's table form: per class and mean, mean +- std
+   over seeds), ``dice_vs_labeled.png`` and ``cluster_maps.png`` (each pre-training method's cluster map on the same
+   validation slices, the paper's Figure 2).
+
+Finished steps are skipped (each writes ``done.json`` last), so an interrupted study resumes where it stopped.
+
+Methods (``--methods``): ``scratch``, ``ours`` (L_con + L_CC + L_MI), ``iic`` (alpha 0), ``mi_cc`` (no L_con),
+``con_only`` (L_con alone), ``mt_scratch`` (Mean Teacher from scratch), ``mt_ours`` (Mean Teacher from ``ours``).
+Sweeps add pre-trained methods: ``--alphas "[0,0.5,1]"`` adds ``ours[alpha=0]`` ..., likewise ``--cc_weights``
+and ``--num_clusters`` (the paper's Tables 3-5).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import fire
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: method -> (pre-training variant or None, Mean Teacher)
+METHODS: dict[str, tuple[str | None, bool]] = {
+    "scratch": (None, False),
+    "ours": ("ours", False),
+    "iic": ("iic", False),
+    "mi_cc": ("mi_cc", False),
+    "con_only": ("contrast_enc", False),
+    "mt_scratch": (None, True),
+    "mt_ours": ("ours", True),
+}
+
+#: named budgets: the overlay files on top of pretrain.json / train.json, then settings shared by both phases and
+#: each phase's own (the overlays' values stay the single owner of the CPU settings).
+BUDGETS: dict[str, dict[str, Any]] = {
+    "tiny": {  # seconds per run: the CI check of the whole study path
+        "pretrain_overlay": [], "finetune_overlay": [],
+        "common": {"features": [4, 8, 8, 16, 16, 4], "pixdim": [3.0, 3.0], "spatial_size": [64, 64],
+                   "crop_size": [32, 32], "num_workers": 0, "device": "$torch.device('cpu')", "amp": False},
+        "pretrain": {"epochs": 1, "iterations": 2, "warmup_epochs": 0, "scans_per_batch": 2, "num_clusters": 6,
+                     "num_heads": 1, "health_scans": 2},
+        "finetune": {"epochs": 2, "iterations": 2, "warmup_epochs": 0, "batch_size": 2, "sw_batch_size": 64,
+                     "mt_batch_size": 2},
+    },
+    "cpu": {  # the CPU evidence: configs/quick*.json, longer; ~25 min of pre-training, ~5 min a fine-tune (2 cores)
+        "pretrain_overlay": ["quick.json"], "finetune_overlay": ["quick_finetune.json"],
+        "common": {},
+        "pretrain": {"epochs": 20, "iterations": 100, "log_interval": 20, "image_interval": 500},
+        "finetune": {"epochs": 8, "iterations": 50},
+    },
+    "paper": {  # the configs as shipped (the paper's settings; a GPU)
+        "pretrain_overlay": [], "finetune_overlay": [], "common": {}, "pretrain": {}, "finetune": {},
+    },
+}
+
+
+def _fmt_value(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def _slug(value: Any) -> str:
+    return re.sub(r"[^A-Za-z0-9.=_-]+", "_", str(value))
+
+
+class Study:
+    """Plans and runs the steps of one study; every path lives under ``out_dir``."""
+
+    def __init__(self, out_dir: Path, dataset_dir: str | None, budget: dict[str, dict[str, Any]],
+                 num_classes: int, num_partitions: int, pretrain_seed: int, extra: dict[str, Any]) -> None:
+        self.out = out_dir
+        self.dataset_dir = dataset_dir
+        self.budget = budget
+        self.num_classes = num_classes
+        self.num_partitions = num_partitions
+        self.pretrain_seed = pretrain_seed
+        self.extra = extra
+        self.datalist = out_dir / "datalist.json"
+        self.log = out_dir / "study.log"
+
+    # -- one bundle command ------------------------------------------------------------------------------------
+    def bundle_run(self, run_id: str, configs: Sequence[str], overrides: dict[str, Any], folder: Path) -> float:
+        folder.mkdir(parents=True, exist_ok=True)
+        files = [str(REPO / "configs" / c) for c in configs]
+        cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file",
+               files[0] if len(files) == 1 else json.dumps(files),
+               "--meta_file", str(REPO / "configs" / "metadata.json"),
+               "--logging_file", str(REPO / "configs" / "logging.conf")]
+        for key, value in overrides.items():
+            cmd += [f"--{key}", _fmt_value(value)]
+        shown = " ".join(shlex.quote(c) for c in cmd[1:]).replace(str(REPO) + "/", "")
+        log = folder / "log.txt"
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+        start = time.perf_counter()
+        with open(log, "w") as fh:
+            fh.write(f"$ python {shown}\n")
+            fh.flush()
+            proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        seconds = time.perf_counter() - start
+        with open(self.log, "a") as fh:
+            fh.write(f"$ python {shown}\n# exit {proc.returncode} after {seconds:.0f} s\n")
+        if proc.returncode != 0:
+            tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
+            raise SystemExit(f"step failed (exit {proc.returncode}) after {seconds:.0f} s; end of {log}:\n{tail}")
+        return seconds
+
+    def common(self) -> dict[str, Any]:
+        data = {"dataset_dir": self.dataset_dir} if self.dataset_dir else {}
+        return {"bundle_root": str(REPO), **data, "datalist": str(self.datalist), "num_classes": self.num_classes,
+                "show_progress": False, **self.budget["common"]}
+
+    # -- steps -------------------------------------------------------------------------------------------------
+    def pretrain(self, key: str, variant: str, settings: dict[str, Any]) -> dict[str, Any]:
+        folder = self.out / "pretrain" / key
+        done = folder / "done.json"
+        if done.is_file():
+            return json.loads(done.read_text())
+        overrides = {**self.common(), "num_partitions": self.num_partitions, **self.budget["pretrain"],
+                     "variant": variant, **settings, "seed": self.pretrain_seed, "output_dir": str(folder),
+                     "ckpt_dir": str(folder / "models"), "state_path": str(folder / "trainer_state.pt"),
+                     "resume": True, **self.extra.get("pretrain", {})}
+        seconds = self.bundle_run("training", ["pretrain.json", *self.budget["pretrain_overlay"]], overrides, folder)
+        health = _read_jsonl(folder / "cluster_health.jsonl")
+        record = {"weights": str(folder / "models" / "pretrained" / "unet_ssl.pt"), "seconds": seconds,
+                  "health": health[-1] if health else None, "mi": _last_mi(folder / "log.txt")}
+        done.write_text(json.dumps(record, indent=2))
+        return record
+
+    def finetune(self, folder: Path, mean_teacher: bool, weights: str | None, labeled: int, seed: int,
+                 lr: float) -> dict[str, Any]:
+        done = folder / "done.json"
+        if done.is_file():
+            return json.loads(done.read_text())
+        configs = ["train.json", *self.budget["finetune_overlay"]] + (["mean_teacher.json"] if mean_teacher else [])
+        overrides = {**self.common(), **self.budget["finetune"], "num_labeled": labeled, "labeled_seed": seed,
+                     "seed": seed, "lr": lr, "output_dir": str(folder), "ckpt_dir": str(folder / "models"),
+                     "pretrained_path": weights or "null", "pretrained_required": bool(weights),
+                     **self.extra.get("finetune", {})}
+        seconds = self.bundle_run("training", configs, overrides, folder)
+        best, epoch = _best_validation(folder / "log.txt")
+        record = {"lr": lr, "val_dice": best, "best_epoch": epoch, "seconds": seconds,
+                  "model": str(folder / "models" / "model.pt")}
+        done.write_text(json.dumps(record, indent=2))
+        return record
+
+    def evaluate(self, folder: Path, model_dir: Path) -> dict[str, Any]:
+        done = folder / "done.json"
+        if done.is_file():
+            return json.loads(done.read_text())
+        overrides = {**self.common(), **self.budget["finetune"], "ckpt_dir": str(model_dir), "output_dir": str(folder),
+                     "save_predictions": False}
+        configs = ["train.json", *self.budget["finetune_overlay"], "evaluate.json"]
+        seconds = self.bundle_run("evaluating", configs, overrides, folder)
+        summary = json.loads((folder / "metrics_summary.json").read_text())
+        record = {"seconds": seconds, "summary": summary}
+        done.write_text(json.dumps(record, indent=2))
+        return record
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+
+def _last_mi(log: Path) -> float | None:
+    found = re.findall(r"clusters: MI=([0-9.]+) nat", log.read_text()) if log.is_file() else []
+    return float(found[-1]) if found else None
+
+
+def _best_validation(log: Path) -> tuple[float, int]:
+    """Best validation mean Dice and its epoch, from MONAI's ``Key metric: val_mean_dice best value: X at epoch: N``
+    lines (the trainer's own ``train_mean_dice`` line has the same form and is not read)."""
+    found = re.findall(r"Key metric: val_mean_dice best value: ([0-9.eE+-]+) at epoch: (\d+)", log.read_text())
+    if not found:
+        raise SystemExit(f"{log}: no validation result found (did validation run?).")
+    value, epoch = found[-1]
+    return float(value), int(epoch)
+
+
+def select_best(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The fine-tune with the best validation Dice; a tie goes to the smaller lr (the same choice in every call)."""
+    return max(records, key=lambda r: (r["val_dice"], -r["lr"]))
+
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+
+
+def _method_table(methods: Sequence[str], alphas: Sequence[float] | None, cc_weights: Sequence[float] | None,
+                  num_clusters: Sequence[int] | None) -> dict[str, tuple[str | None, bool, dict[str, Any]]]:
+    table: dict[str, tuple[str | None, bool, dict[str, Any]]] = {}
+    for name in methods:
+        if name not in METHODS:
+            raise SystemExit(f"unknown method {name!r}; available: {', '.join(METHODS)}.")
+        variant, mt = METHODS[name]
+        table[name] = (variant, mt, {})
+    for option, values in (("alpha", alphas), ("cc_weight", cc_weights), ("num_clusters", num_clusters)):
+        for value in values or ():
+            table[f"ours[{option}={value}]"] = ("ours", False, {option: value})
+    return table
+
+
+def _pretrain_key(variant: str, settings: dict[str, Any]) -> str:
+    return _slug(variant + "".join(f"_{k}={v}" for k, v in sorted(settings.items())))
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(value, str):
+        return [v.strip() for v in value.strip("[]()").split(",") if v.strip()]
+    return [value]
+
+
+def study(
+    out_dir: str = "runs/study",
+    dataset_dir: str | None = None,
+    methods: Sequence[str] = ("scratch", "ours", "mt_ours"),
+    labeled: Sequence[int] = (1,),
+    seeds: Sequence[int] = (0, 1, 2),
+    budget: str = "cpu",
+    lrs: Sequence[float] = (1e-3,),
+    alphas: Sequence[float] | None = None,
+    cc_weights: Sequence[float] | None = None,
+    num_clusters: Sequence[int] | None = None,
+    num_classes: int = 4,
+    num_partitions: int = 3,
+    pretrain_seed: int = 0,
+    pretrain_epochs: int | None = None,
+    pretrain_iterations: int | None = None,
+    finetune_epochs: int | None = None,
+    finetune_iterations: int | None = None,
+    features: Sequence[int] | None = None,
+    crop_size: Sequence[int] | None = None,
+    pretrain_overrides: dict[str, Any] | None = None,
+    finetune_overrides: dict[str, Any] | None = None,
+    report_only: bool = False,
+    dry_run: bool = False,
+) -> None:
+    """Run (or resume) a study and write its CSV, markdown table and plots.
+
+    Args:
+        out_dir: folder of the whole study (datalist, every run, the report); relative paths are from the repo.
+        dataset_dir: dataset folder or datalist JSON (ACDC / Decathlon / folder of pairs); default: the configs'
+            embedded synthetic data.
+        methods: methods to compare: scratch, ours, iic, mi_cc, con_only, mt_scratch, mt_ours.
+        labeled: labeled-scan counts (each must be recorded in the datalist: 1, 2 and 4 are).
+        seeds: labeled-subset and fine-tuning seeds (0, 1 and 2 are recorded in a new datalist).
+        budget: named budget: tiny (CI), cpu (2 CPU cores), paper (the configs as shipped; a GPU).
+        lrs: fine-tuning lr grid; per (method, labeled count) the best on the first seed's validation is used.
+        alphas: sweep of L_MI's alpha (adds ours[alpha=a] pre-trained methods; Table 3).
+        cc_weights: sweep of lambda_CC (adds ours[cc_weight=w]; Table 4).
+        num_clusters: sweep of K (adds ours[num_clusters=k]; Table 5).
+        num_classes: label classes, background included (4 for ACDC, 3 for prostate zones).
+        num_partitions: slice-position partitions of L_con (3 for ACDC, 8 for prostate).
+        pretrain_seed: seed of every pre-training.
+        pretrain_epochs: override the budget's pre-training epochs.
+        pretrain_iterations: override the budget's iterations per pre-training epoch.
+        finetune_epochs: override the budget's fine-tuning epochs.
+        finetune_iterations: override the budget's iterations per fine-tuning epoch.
+        features: override the U-Net widths (six numbers) of every run.
+        crop_size: override the training crop of every run.
+        pretrain_overrides: any further pre-training config ids, e.g. '{"cluster_temperature": 0.1}'.
+        finetune_overrides: any further fine-tuning config ids, e.g. '{"mt_weight": 0.1}'.
+        report_only: only write the report from the finished runs.
+        dry_run: print the plan (steps and their order) and stop.
+    """
+    if budget not in BUDGETS:
+        raise SystemExit(f"unknown budget {budget!r}; available: {', '.join(BUDGETS)}.")
+    out = Path(out_dir) if Path(out_dir).is_absolute() else REPO / out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    plan = {k: (dict(v) if isinstance(v, dict) else list(v)) for k, v in BUDGETS[budget].items()}
+    for key, value in (("epochs", pretrain_epochs), ("iterations", pretrain_iterations)):
+        if value is not None:
+            plan["pretrain"][key] = int(value)
+    for key, value in (("epochs", finetune_epochs), ("iterations", finetune_iterations)):
+        if value is not None:
+            plan["finetune"][key] = int(value)
+    if features is not None:
+        plan["common"]["features"] = [int(f) for f in _as_list(features)]
+    if crop_size is not None:
+        plan["common"]["crop_size"] = [int(c) for c in _as_list(crop_size)]
+    extra = {"pretrain": dict(pretrain_overrides or {}), "finetune": dict(finetune_overrides or {})}
+    table = _method_table([str(m) for m in _as_list(methods)], _as_list(alphas), _as_list(cc_weights),
+                          [int(k) for k in _as_list(num_clusters)])
+    labeled_counts = [int(n) for n in _as_list(labeled)]
+    seed_list = [int(s) for s in _as_list(seeds)]
+    lr_grid = [float(x) for x in _as_list(lrs)]
+    runner = Study(out, dataset_dir, plan, num_classes, num_partitions, pretrain_seed, extra)
+    (out / "study.json").write_text(json.dumps(
+        {"budget": budget, "plan": plan, "extra": extra, "methods": list(table), "labeled": labeled_counts,
+         "seeds": seed_list, "lrs": lr_grid, "dataset_dir": dataset_dir, "pretrain_seed": pretrain_seed}, indent=2))
+    if report_only:
+        write_report(out, table, labeled_counts, seed_list)
+        return
+
+    # the plan, in order: pre-trainings, then the lr grid of each arm on its first seed, then the other seeds
+    pretrainings = {_pretrain_key(v, s): (v, s) for v, _, s in table.values() if v is not None}
+    finetunes = []
+    for name in table:
+        for n in labeled_counts:
+            finetunes += [(name, n, seed_list[0], lr) for lr in lr_grid]
+    for name in table:
+        for n in labeled_counts:
+            finetunes += [(name, n, s, None) for s in seed_list[1:]]
+    total = len(pretrainings) + len(finetunes) + len(table) * len(labeled_counts) * len(seed_list)
+    if dry_run:
+        print(f"{total} steps: {len(pretrainings)} pre-trainings {sorted(pretrainings)}, {len(finetunes)} "
+              f"fine-tunes, {total - len(pretrainings) - len(finetunes)} evaluations.")
+        return
+    if dataset_dir is not None or not runner.datalist.is_file():
+        from bundle.data.datalist import ensure_datalist
+
+        source = dataset_dir or str(REPO / "data" / "synthetic_acdc")
+        if dataset_dir is None and not Path(source).is_dir():
+            from bundle.data.synthetic import generate_synthetic_acdc
+
+            generate_synthetic_acdc(source, num_patients=100, seed=0)
+        ensure_datalist(source, runner.datalist, seeds=sorted(set(seed_list) | {0, 1, 2}),
+                        labeled_counts=sorted(set(labeled_counts) | {1, 2, 4}), num_classes=num_classes)
+        runner.dataset_dir = source
+    step, started = 0, time.perf_counter()
+
+    def progress(what: str, seconds: float | None) -> None:
+        nonlocal step
+        step += 1
+        elapsed = time.perf_counter() - started
+        took = "skipped (done)" if seconds is None else f"{seconds:.0f} s"
+        print(f"[{step}/{total}] {what}: {took}; study {elapsed / 60:.1f} min", flush=True)
+
+    weights: dict[str, dict[str, Any]] = {}
+    for key, (variant, settings) in pretrainings.items():
+        fresh = not (out / "pretrain" / key / "done.json").is_file()
+        weights[key] = runner.pretrain(key, variant, settings)
+        health = weights[key].get("health") or {}
+        note = f" (MI {weights[key].get('mi')}, cluster Dice {health.get('mean', float('nan')):.3f})"
+        progress(f"pre-train {key}{note}", weights[key]["seconds"] if fresh else None)
+
+    chosen: dict[tuple[str, int], float] = {}
+    results: dict[tuple[str, int, int], dict[str, Any]] = {}
+    for name, n, seed, lr in finetunes:
+        variant, mt, settings = table[name]
+        init = weights[_pretrain_key(variant, settings)]["weights"] if variant else None
+        if lr is None:
+            lr = chosen[(name, n)]
+        folder = out / "finetune" / _slug(name) / f"n{n}" / f"seed{seed}" / f"lr{lr:g}"
+        fresh = not (folder / "done.json").is_file()
+        record = runner.finetune(folder, mt, init, n, seed, lr)
+        progress(f"fine-tune {name} n={n} seed={seed} lr={lr:g} (val Dice {record['val_dice']:.3f})",
+                 record["seconds"] if fresh else None)
+        best = results.get((name, n, seed))
+        if best is None or select_best([best, record]) is record:
+            results[(name, n, seed)] = {**record, "folder": str(folder)}
+        if seed == seed_list[0]:
+            chosen[(name, n)] = results[(name, n, seed)]["lr"]
+
+    for (name, n, seed), record in results.items():
+        folder = out / "evaluate" / _slug(name) / f"n{n}" / f"seed{seed}"
+        fresh = not (folder / "done.json").is_file()
+        ev = runner.evaluate(folder, Path(record["folder"]) / "models")
+        dice = ev["summary"]["dice"]["mean"]
+        progress(f"evaluate {name} n={n} seed={seed} on the test split (3D Dice {dice:.3f})",
+                 ev["seconds"] if fresh else None)
+    write_report(out, table, labeled_counts, seed_list)
+
+
+# ----------------------------------------------------------------------------------------------------------- report
+
+
+def collect_rows(out: Path, table: dict[str, Any], labeled: Sequence[int], seeds: Sequence[int]) -> list[dict]:
+    """One row per finished (method, labeled, seed): the selected fine-tune and its test-split evaluation."""
+    datalist_hash = _file_hash(out / "datalist.json") if (out / "datalist.json").is_file() else ""
+    rows = []
+    for name, (variant, _, settings) in table.items():
+        for n in labeled:
+            for seed in seeds:
+                ev_done = out / "evaluate" / _slug(name) / f"n{n}" / f"seed{seed}" / "done.json"
+                if not ev_done.is_file():
+                    continue
+                tuned = [json.loads(p.read_text())
+                         for p in (out / "finetune" / _slug(name) / f"n{n}" / f"seed{seed}").glob("lr*/done.json")]
+                best = select_best(tuned)
+                ev = json.loads(ev_done.read_text())
+                summary = ev["summary"]
+                pre = out / "pretrain" / _pretrain_key(variant, settings) / "done.json" if variant else None
+                pre_rec = json.loads(pre.read_text()) if pre is not None and pre.is_file() else {}
+                row: dict[str, Any] = {"method": name, "labeled": n, "seed": seed, "lr": best["lr"],
+                                       "val_dice": best["val_dice"], "best_epoch": best["best_epoch"]}
+                for cls in summary["classes"]:
+                    row[f"dice_{cls}"] = summary["dice"]["per_class"][cls]["mean"]
+                row["dice_mean"] = summary["dice"]["mean"]
+                row["hd95_mean"] = summary["hd95"]["mean"]
+                row["pretrain_s"] = round(pre_rec.get("seconds", 0.0), 1)
+                row["pretrain_mi"] = pre_rec.get("mi")
+                row["finetune_s"] = round(sum(r["seconds"] for r in tuned), 1)
+                row["evaluate_s"] = round(ev["seconds"], 1)
+                row["test_scans"] = summary["num_scans"]
+                row["datalist_hash"] = datalist_hash
+                rows.append(row)
+    return rows
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return "n/a"
+    mean = sum(vals) / len(vals)
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def write_report(out: Path, table: dict[str, Any], labeled: Sequence[int], seeds: Sequence[int]) -> None:
+    """``runs.csv``, ``results.md``, ``dice_vs_labeled.png`` and ``cluster_maps.png`` from the finished runs."""
+    rows = collect_rows(out, table, labeled, seeds)
+    if not rows:
+        print(f"no finished runs under {out} yet.")
+        return
+    with open(out / "runs.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    classes = [k[len("dice_"):] for k in rows[0] if k.startswith("dice_") and k != "dice_mean"]
+    groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[(row["method"], row["labeled"])].append(row)
+    lines = ["| method | labeled scans | seeds | lr | " + " | ".join(classes) + " | mean 3D Dice | HD95 (mm) |",
+             "|---" * (len(classes) + 6) + "|"]
+    for (name, n), group in groups.items():
+        cells = [_mean_std([r[f"dice_{c}"] for r in group]) for c in classes]
+        lr_text = ", ".join(sorted({f"{r['lr']:g}" for r in group}))
+        lines.append(f"| {name} | {n} | {len(group)} | {lr_text} | "
+                     + " | ".join(cells) + f" | **{_mean_std([r['dice_mean'] for r in group])}** | "
+                     f"{_mean_std([r['hd95_mean'] for r in group])} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    _plot_dice(out, groups)
+    _plot_clusters(out, table)
+    print(f"report: {out / 'runs.csv'}, {out / 'results.md'}, {out / 'dice_vs_labeled.png'}")
+
+
+def _plot_dice(out: Path, groups: dict[tuple[str, int], list[dict]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name in dict.fromkeys(k[0] for k in groups):
+        ns = sorted(n for m, n in groups if m == name)
+        means, stds = [], []
+        for n in ns:
+            vals = [r["dice_mean"] for r in groups[(name, n)]]
+            mean = sum(vals) / len(vals)
+            means.append(mean)
+            stds.append(math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0)
+        ax.errorbar(ns, means, yerr=stds, marker="o", capsize=3, label=name)
+    ax.set_xlabel("labeled scans")
+    ax.set_ylabel("test mean 3D Dice (mean ± std over seeds)")
+    ax.set_xscale("log", base=2)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "dice_vs_labeled.png", dpi=120)
+    plt.close(fig)
+
+
+def _plot_clusters(out: Path, table: dict[str, Any], num_slices: int = 3) -> None:
+    """Cluster map (head 0) of each pre-training method on the same validation slices, beside the image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+    from monai.bundle import ConfigParser
+
+    from bundle.handlers.monitor import cluster_palette
+
+    keys = list(dict.fromkeys(_pretrain_key(v, s) for v, _, s in table.values() if v))
+    states = {k: out / "pretrain" / k / "trainer_state.pt" for k in keys}
+    states = {k: p for k, p in states.items() if p.is_file()}
+    if not states:
+        return
+    study = json.loads((out / "study.json").read_text())
+
+    def parser_for(settings: dict[str, Any]) -> ConfigParser:
+        parser = ConfigParser()
+        parser.read_config([str(REPO / "configs" / c) for c in ["pretrain.json", *study["plan"]["pretrain_overlay"]]])
+        dataset = study.get("dataset_dir") or str(REPO / "data" / "synthetic_acdc")
+        for key, value in {"bundle_root": str(REPO), "datalist": str(out / "datalist.json"), "dataset_dir": dataset,
+                           "device": "$torch.device('cpu')", **study["plan"]["common"], **study["plan"]["pretrain"],
+                           **study["extra"]["pretrain"], **settings}.items():
+            parser[key] = value
+        return parser
+
+    parser = parser_for({})
+    volumes = parser.get_parsed_content("health#dataset")
+    if len(volumes) == 0:
+        return
+    volume = volumes[0]
+    depth = volume["image"].shape[-1]
+    picks = [round(depth * f) for f in (0.3, 0.5, 0.7)][:num_slices]
+    images = torch.as_tensor(volume["image"])[..., picks].permute(3, 0, 1, 2).float()
+    fig, axes = plt.subplots(len(picks), len(states) + 1, figsize=(2.2 * (len(states) + 1), 2.2 * len(picks)),
+                             squeeze=False)
+    for r in range(len(picks)):
+        axes[r, 0].imshow(images[r, 0].numpy(), cmap="gray")
+    axes[0, 0].set_title("image", fontsize=8)
+    for c, (key, path) in enumerate(states.items(), start=1):
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        settings = next(s for v, _, s in table.values() if v and _pretrain_key(v, s) == key)
+        own = parser_for(settings)
+        network = own.get_parsed_content("network_def", instantiate=True)
+        head = own.get_parsed_content("dense_head_def", instantiate=True)
+        network.load_state_dict(state["network"])
+        head.load_state_dict(state["dense_head"])
+        network.eval()
+        head.eval()
+        with torch.no_grad():
+            clusters = head(network.forward_features(images, with_logits=False)["decoder"])[0].argmax(1)
+        palette = cluster_palette(head.num_clusters)
+        for r in range(len(picks)):
+            axes[r, c].imshow(palette[clusters[r].numpy()])
+        axes[0, c].set_title(key, fontsize=8)
+    for ax in axes.ravel():
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out / "cluster_maps.png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    fire.Fire(study)

@@ -1,0 +1,96 @@
+"""The study command end to end at a tiny budget: plan, pre-training shared by fine-tunes, lr chosen on validation,
+test split scored once per run, resume, and the report (CSV, markdown table, plots)."""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from scripts import study as study_cli
+
+
+def test_every_option_is_documented():
+    doc = inspect.getdoc(study_cli.study)
+    documented = set(re.findall(r"^\s{4}(\w+):", doc.split("Args:")[1], flags=re.M))
+    assert set(inspect.signature(study_cli.study).parameters) == documented
+
+
+def test_unknown_method_and_budget_are_refused_before_any_work(tmp_path):
+    with pytest.raises(SystemExit, match="unknown method 'nope'"):
+        study_cli.study(out_dir=str(tmp_path / "a"), methods=["scratch", "nope"], dry_run=True)
+    with pytest.raises(SystemExit, match="unknown budget"):
+        study_cli.study(out_dir=str(tmp_path / "b"), budget="huge", dry_run=True)
+    assert not (tmp_path / "a" / "datalist.json").exists()
+
+
+def test_plan_counts_one_pretraining_per_method_and_sweeps(tmp_path, capsys):
+    study_cli.study(out_dir=str(tmp_path), methods=["scratch", "ours", "mt_ours", "iic"], labeled=[1, 2],
+                    seeds=[0, 1, 2], lrs=[1e-3, 3e-3], alphas=[0.25], budget="tiny", dry_run=True)
+    line = capsys.readouterr().out
+    # pre-trainings: ours (shared by mt_ours), iic, ours[alpha=0.25]; 5 methods x 2 counts:
+    # 2 lrs on seed 0 + 2 more seeds = 4 fine-tunes each -> 40; evaluations 5 x 2 x 3 = 30
+    assert line.startswith("73 steps: 3 pre-trainings") and "40 fine-tunes, 30 evaluations" in line
+
+
+def test_tiny_study_runs_resumes_and_reports(tmp_path, tiny_acdc, capsys):
+    out = tmp_path / "study"
+    args = dict(out_dir=str(out), dataset_dir=str(tiny_acdc), methods=["scratch", "mt_ours"], labeled=[1],
+                seeds=[0, 1], lrs=[1e-3, 2e-3], budget="tiny")
+    study_cli.study(**args)
+    printed = capsys.readouterr().out
+    assert "[11/11]" in printed  # 1 pre-training, 2 x 2 lrs on seed 0 + 2 on seed 1, 4 evaluations
+
+    rows = list(csv.DictReader(open(out / "runs.csv")))
+    assert [(r["method"], r["seed"]) for r in rows] == [("scratch", "0"), ("scratch", "1"), ("mt_ours", "0"),
+                                                        ("mt_ours", "1")]
+    for method in ("scratch", "mt_ours"):
+        tuned = {float(json.loads(p.read_text())["lr"]): json.loads(p.read_text())["val_dice"]
+                 for p in (out / "finetune" / method / "n1" / "seed0").glob("lr*/done.json")}
+        best_lr = min(tuned, key=lambda lr: (-tuned[lr], lr))  # the first seed's best validation Dice (ties: lower lr)
+        assert {float(r["lr"]) for r in rows if r["method"] == method} == {best_lr}  # ... is used for every seed
+        other_lr = next(x for x in tuned if x != best_lr)
+        assert not (out / "finetune" / method / "n1" / "seed1" / f"lr{other_lr:g}").exists()
+    for row in rows:
+        assert 0.0 <= float(row["dice_mean"]) <= 1.0 and float(row["evaluate_s"]) > 0
+        assert len(row["datalist_hash"]) == 12 and row["test_scans"] == "2"
+    assert float(rows[2]["pretrain_s"]) > 0 and float(rows[0]["pretrain_s"]) == 0  # scratch has no pre-training
+
+    table = (out / "results.md").read_text()
+    assert "| mt_ours | 1 | 2 |" in table and "RV" in table and "±" in table
+    assert (out / "dice_vs_labeled.png").stat().st_size > 0 and (out / "cluster_maps.png").stat().st_size > 0
+
+    # a second call finds every step done and runs no bundle command
+    log_before = (out / "study.log").read_text()
+    study_cli.study(**args)
+    again = capsys.readouterr().out
+    assert "[11/11]" in again and again.count("skipped (done)") == 11
+    assert (out / "study.log").read_text() == log_before
+
+
+def test_report_only_from_finished_runs(tmp_path, capsys):
+    study_cli.study(out_dir=str(tmp_path), methods=["scratch"], report_only=True)
+    assert "no finished runs" in capsys.readouterr().out
+    assert Path(tmp_path / "study.json").is_file()
+
+
+def test_best_validation_reads_the_validation_line_not_the_training_one(tmp_path):
+    log = tmp_path / "log.txt"
+    log.write_text(
+        "- INFO - Key metric: val_mean_dice best value: 0.2009 at epoch: 6\n"
+        "- INFO - Key metric: train_mean_dice best value: 0.4116 at epoch: 6\n"
+    )
+    assert study_cli._best_validation(log) == (0.2009, 6)
+    log.write_text("nothing here\n")
+    with pytest.raises(SystemExit, match="no validation result"):
+        study_cli._best_validation(log)
+
+
+def test_select_best_prefers_validation_dice_then_the_smaller_lr():
+    runs = [{"lr": 3e-3, "val_dice": 0.5}, {"lr": 1e-3, "val_dice": 0.5}, {"lr": 1e-2, "val_dice": 0.4}]
+    assert study_cli.select_best(runs)["lr"] == 1e-3
+    assert study_cli.select_best(runs[2:] + [{"lr": 1e-4, "val_dice": 0.45}])["lr"] == 1e-4
