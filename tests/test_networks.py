@@ -89,6 +89,18 @@ def test_dense_cluster_head_is_several_independent_softmaxes():
         head(torch.randn(2, 3, 6, 7))
 
 
+def test_dense_cluster_head_temperature_divides_the_logits():
+    torch.manual_seed(0)
+    head = DenseClusterHead(in_channels=4, num_clusters=5, num_heads=2, temperature=0.3)
+    x = torch.randn(2, 4, 6, 7)
+    w, b = head.proj.weight, head.proj.bias
+    ref = torch.softmax(torch.nn.functional.conv2d(x, w[5:], b[5:]) / 0.3, dim=1)
+    torch.testing.assert_close(head(x)[1], ref)
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="temperature"):
+            DenseClusterHead(4, temperature=bad)
+
+
 def test_global_head_masked_pooling_and_unit_norm():
     torch.manual_seed(0)
     head = GlobalProjectionHead(in_channels=3, hidden_dim=8, out_dim=5)

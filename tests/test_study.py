@@ -94,3 +94,16 @@ def test_select_best_prefers_validation_dice_then_the_smaller_lr():
     runs = [{"lr": 3e-3, "val_dice": 0.5}, {"lr": 1e-3, "val_dice": 0.5}, {"lr": 1e-2, "val_dice": 0.4}]
     assert study_cli.select_best(runs)["lr"] == 1e-3
     assert study_cli.select_best(runs[2:] + [{"lr": 1e-4, "val_dice": 0.45}])["lr"] == 1e-4
+
+
+def test_demo_prints_the_pretraining_health_figures(tmp_path):
+    from scripts.demo import _pretrain_health
+
+    log = tmp_path / "demo.log"
+    log.write_text("epoch 1/2: clusters: MI=0.100 nat (2.7% of log K)\n"
+                   "epoch 2/2: clusters: MI=1.234 nat (33.5% of log K)\n")
+    (tmp_path / "cluster_health.jsonl").write_text(
+        json.dumps({"per_class": {"RV": 0.1, "LV": 0.5}, "mean": 0.3, "scans": 8}) + "\n"
+    )
+    text = _pretrain_health(tmp_path, log)
+    assert "1.234 nat (33.5 % of log K)" in text and "RV 0.100, LV 0.500, mean 0.300" in text
