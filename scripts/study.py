@@ -18,7 +18,8 @@ What one study does, in order (every step is one ``python -m monai.bundle run ..
    then used for every seed. Model selection (the best validation epoch) uses the validation split only.
 4. **Evaluation** of each selected model, once, on the test split (``configs/evaluate.json``).
 5. **Report**: ``runs.csv`` (one row per run), ``results.md`` (the paper's table form: per class and mean, mean +- std
-   over seeds), ``dice_vs_labeled.png`` and ``cluster_maps.png`` (each pre-training method's cluster map on the same
+   over seeds), ``dice_vs_labeled.png``, ``pretraining.png`` (MI and cluster Dice per pre-training epoch) and
+   ``cluster_maps.png`` (each pre-training method's cluster map on the same
    validation slices, the paper's Figure 2).
 
 Finished steps are skipped (each writes ``done.json`` last), so an interrupted study resumes where it stopped.
@@ -465,8 +466,49 @@ def write_report(out: Path, table: dict[str, Any], labeled: Sequence[int], seeds
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     _plot_dice(out, groups)
+    _plot_pretraining(out, table)
     _plot_clusters(out, table)
     print(f"report: {out / 'runs.csv'}, {out / 'results.md'}, {out / 'dice_vs_labeled.png'}")
+
+
+def pretraining_curves(folder: Path) -> list[dict[str, Any]]:
+    """Per epoch of one pre-training: ``{"epoch", "mi", "mi_fraction", "cluster_dice"}`` from its log and
+    ``cluster_health.jsonl`` (``cluster_dice`` is None where no health figure was scored)."""
+    log = folder / "log.txt"
+    found = re.findall(r"epoch (\d+)/\d+: .*?clusters: MI=([0-9.]+) nat \(([0-9.]+)% of log K\)",
+                       log.read_text()) if log.is_file() else []
+    health = {r["epoch"]: r["mean"] for r in _read_jsonl(folder / "cluster_health.jsonl")}
+    return [{"epoch": int(e), "mi": float(mi), "mi_fraction": float(frac) / 100.0, "cluster_dice": health.get(int(e))}
+            for e, mi, frac in found]
+
+
+def _plot_pretraining(out: Path, table: dict[str, Any]) -> None:
+    """MI (nats) and cluster Dice per epoch of every pre-training: does it learn, and how fast."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(dict.fromkeys(_pretrain_key(v, s) for v, _, s in table.values() if v))
+    curves = {k: pretraining_curves(out / "pretrain" / k) for k in keys}
+    curves = {k: c for k, c in curves.items() if c}
+    if not curves:
+        return
+    fig, (ax_mi, ax_dice) = plt.subplots(1, 2, figsize=(9, 3.6))
+    for key, rows in curves.items():
+        ax_mi.plot([r["epoch"] for r in rows], [r["mi"] for r in rows], marker=".", label=key)
+        scored = [r for r in rows if r["cluster_dice"] is not None]
+        ax_dice.plot([r["epoch"] for r in scored], [r["cluster_dice"] for r in scored], marker=".", label=key)
+    ax_mi.set_xlabel("pre-training epoch")
+    ax_mi.set_ylabel("MI between the views' clusters (nat)")
+    ax_dice.set_xlabel("pre-training epoch")
+    ax_dice.set_ylabel("cluster Dice, validation (health figure)")
+    for ax in (ax_mi, ax_dice):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "pretraining.png", dpi=120)
+    plt.close(fig)
 
 
 def _plot_dice(out: Path, groups: dict[tuple[str, int], list[dict]]) -> None:

@@ -63,6 +63,9 @@ def test_tiny_study_runs_resumes_and_reports(tmp_path, tiny_acdc, capsys):
     table = (out / "results.md").read_text()
     assert "| mt_ours | 1 | 2 |" in table and "RV" in table and "±" in table
     assert (out / "dice_vs_labeled.png").stat().st_size > 0 and (out / "cluster_maps.png").stat().st_size > 0
+    assert (out / "pretraining.png").stat().st_size > 0
+    (curve,) = study_cli.pretraining_curves(out / "pretrain" / "ours")  # one epoch: MI and cluster Dice logged
+    assert curve["epoch"] == 1 and curve["mi"] >= 0 and 0.0 <= curve["cluster_dice"] <= 1.0
 
     # a second call finds every step done and runs no bundle command
     log_before = (out / "study.log").read_text()
