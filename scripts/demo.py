@@ -18,48 +18,20 @@ assignments and the cluster Dice (cluster maps matched to the validation labels 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shlex
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import fire
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _override_args(overrides: dict[str, Any]) -> list[str]:
-    args: list[str] = []
-    for key, value in overrides.items():
-        # fire parses values as Python literals: True/False, [1, 2]; "null" is the configs' "no path"
-        text = json.dumps(value) if isinstance(value, list) else str(value)
-        args += [f"--{key}", text]
-    return args
+from scripts.bundle_cli import REPO, bundle_command, run_logged
 
 
 def _run(run_id: str, configs: list[str], overrides: dict[str, Any], log: Path) -> float:
-    files = [str(REPO / "configs" / c) for c in configs]
-    config_arg = files[0] if len(files) == 1 else json.dumps(files)
-    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_arg]
-    cmd += ["--meta_file", str(REPO / "configs" / "metadata.json")]
-    cmd += ["--logging_file", str(REPO / "configs" / "logging.conf")]
-    cmd += _override_args(overrides)
-    shown = " ".join(shlex.quote(c) for c in cmd[1:]).replace(str(REPO) + "/", "")
+    cmd, shown = bundle_command(run_id, configs, overrides)
     print(f"\n$ python {shown}", flush=True)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    start = time.perf_counter()
-    with open(log, "a") as fh:
-        fh.write(f"\n$ python {shown}\n")
-        fh.flush()
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
-        raise SystemExit(f"step failed (exit {proc.returncode}) after {seconds:.0f} s; end of {log}:\n{tail}")
+    seconds = run_logged(cmd, shown, log, append=True)
     print(f"  done in {seconds:.0f} s (log: {log})", flush=True)
     return seconds
 

@@ -36,11 +36,7 @@ import csv
 import hashlib
 import json
 import math
-import os
 import re
-import shlex
-import subprocess
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -49,7 +45,7 @@ from typing import Any
 
 import fire
 
-REPO = Path(__file__).resolve().parents[1]
+from scripts.bundle_cli import REPO, bundle_command, run_logged
 
 #: method -> (pre-training variant or None, Mean Teacher)
 METHODS: dict[str, tuple[str | None, bool]] = {
@@ -86,10 +82,6 @@ BUDGETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _fmt_value(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-
-
 def _slug(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9.=_-]+", "_", str(value))
 
@@ -112,27 +104,12 @@ class Study:
     # -- one bundle command ------------------------------------------------------------------------------------
     def bundle_run(self, run_id: str, configs: Sequence[str], overrides: dict[str, Any], folder: Path) -> float:
         folder.mkdir(parents=True, exist_ok=True)
-        files = [str(REPO / "configs" / c) for c in configs]
-        cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file",
-               files[0] if len(files) == 1 else json.dumps(files),
-               "--meta_file", str(REPO / "configs" / "metadata.json"),
-               "--logging_file", str(REPO / "configs" / "logging.conf")]
-        for key, value in overrides.items():
-            cmd += [f"--{key}", _fmt_value(value)]
-        shown = " ".join(shlex.quote(c) for c in cmd[1:]).replace(str(REPO) + "/", "")
-        log = folder / "log.txt"
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-        start = time.perf_counter()
-        with open(log, "w") as fh:
-            fh.write(f"$ python {shown}\n")
-            fh.flush()
-            proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
-        seconds = time.perf_counter() - start
+        cmd, shown = bundle_command(run_id, configs, overrides)
         with open(self.log, "a") as fh:
-            fh.write(f"$ python {shown}\n# exit {proc.returncode} after {seconds:.0f} s\n")
-        if proc.returncode != 0:
-            tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
-            raise SystemExit(f"step failed (exit {proc.returncode}) after {seconds:.0f} s; end of {log}:\n{tail}")
+            fh.write(f"$ python {shown}\n")
+        seconds = run_logged(cmd, shown, folder / "log.txt")
+        with open(self.log, "a") as fh:
+            fh.write(f"# done in {seconds:.0f} s\n")
         return seconds
 
     def common(self) -> dict[str, Any]:
