@@ -107,7 +107,7 @@ class Study:
         cmd, shown = bundle_command(run_id, configs, overrides)
         with open(self.log, "a") as fh:
             fh.write(f"$ python {shown}\n")
-        seconds = run_logged(cmd, shown, folder / "log.txt")
+        seconds = run_logged(cmd, shown, folder / "log.txt", append=True)  # a resumed step keeps its history
         with open(self.log, "a") as fh:
             fh.write(f"# done in {seconds:.0f} s\n")
         return seconds
@@ -455,8 +455,9 @@ def pretraining_curves(folder: Path) -> list[dict[str, Any]]:
     found = re.findall(r"epoch (\d+)/\d+: .*?clusters: MI=([0-9.]+) nat \(([0-9.]+)% of log K\)",
                        log.read_text()) if log.is_file() else []
     health = {r["epoch"]: r["mean"] for r in _read_jsonl(folder / "cluster_health.jsonl")}
-    return [{"epoch": int(e), "mi": float(mi), "mi_fraction": float(frac) / 100.0, "cluster_dice": health.get(int(e))}
-            for e, mi, frac in found]
+    by_epoch = {int(e): (float(mi), float(frac) / 100.0) for e, mi, frac in found}  # a resumed epoch: the last
+    return [{"epoch": e, "mi": mi, "mi_fraction": frac, "cluster_dice": health.get(e)}
+            for e, (mi, frac) in sorted(by_epoch.items())]
 
 
 def _plot_pretraining(out: Path, table: dict[str, Any]) -> None:
