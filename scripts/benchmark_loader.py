@@ -3,7 +3,7 @@
 Usage (python-fire)::
 
     python -m scripts.benchmark_loader run                                   # generated volumes, paper scale
-    python -m scripts.benchmark_loader run --data ../shared/data/prostate --num_partitions 8   # real data
+    python -m scripts.benchmark_loader run --data /data/prostate --num_partitions 8   # real data
     python -m scripts.benchmark_loader run --num_workers 2 --scans_per_batch 6 --num_partitions 3 --num_batches 100
 
 Paper scale: volumes pre-processed to 384 x 384 in-plane, random 224 x 224 crops, batch 18 (6 scans x 3

@@ -4,7 +4,7 @@ Usage (python-fire; ``./run.sh demo`` sets up the venv first)::
 
     python -m scripts.demo                       # quick settings, embedded synthetic data, ~10 min on 2 CPU cores
     python -m scripts.demo --num_labeled 2 --finetune_lr 3e-4 --scratch_lr 1e-3
-    python -m scripts.demo --dataset_dir ../shared/data/prostate --num_classes 3 --num_partitions 8
+    python -m scripts.demo --dataset_dir /data/prostate --num_classes 3 --num_partitions 8
 
 Each step is one ``python -m monai.bundle run ...`` command, printed before it runs, so the demo doubles as a
 worked example of the bundle's command lines. Outputs go under ``--bundle_root`` (default ``runs/demo``): the

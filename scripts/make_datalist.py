@@ -4,7 +4,7 @@ Usage (python-fire)::
 
     python -m scripts.make_datalist acdc --root /data/ACDC/database --output data/acdc.json --num_val 8 --num_test 17
     python -m scripts.make_datalist msd      --root /data/Task05_Prostate --output data/prostate.json --channel 0
-    python -m scripts.make_datalist folder   --root ../shared/data/prostate --output data/prostate.json \\
+    python -m scripts.make_datalist folder   --root /data/prostate --output data/prostate.json \\
         --image_pattern 'images/{id}.nii.gz' --label_pattern 'masks/{id}_Segmentation.nii.gz'
     python -m scripts.make_datalist datalist --root my_monai_datalist.json --output data/mine.json
     python -m scripts.make_datalist auto     --root DIR --output FILE --seeds '[0,1,2]' --labeled_counts '[1,2,4]'
