@@ -2,7 +2,7 @@
 
 Usage (python-fire)::
 
-    python -m scripts.study --dataset_dir ../shared/data/acdc --out_dir runs/study/acdc \\
+    python -m scripts.study --dataset_dir /data/ACDC/training --out_dir runs/study/acdc \\
         --methods "[scratch,ours,mt_ours]" --labeled "[1,2,4]" --seeds "[0,1,2]" --budget cpu
     python -m scripts.study --out_dir runs/study/acdc --report_only True     # tables and plots from finished runs
     python -m scripts.study --help
@@ -70,11 +70,11 @@ BUDGETS: dict[str, dict[str, Any]] = {
         "finetune": {"epochs": 2, "iterations": 2, "warmup_epochs": 0, "batch_size": 2, "sw_batch_size": 64,
                      "mt_batch_size": 2},
     },
-    "cpu": {  # the CPU evidence: configs/quick*.json, longer; ~25 min of pre-training, ~5 min a fine-tune (2 cores)
+    "cpu": {  # the CPU evidence: configs/quick*.json, longer; ~25 min of pre-training, ~7 min a fine-tune (2 cores)
         "pretrain_overlay": ["quick.json"], "finetune_overlay": ["quick_finetune.json"],
         "common": {},
         "pretrain": {"epochs": 20, "iterations": 100, "log_interval": 20, "image_interval": 500},
-        "finetune": {"epochs": 8, "iterations": 50},
+        "finetune": {"epochs": 30, "iterations": 50},
     },
     "paper": {  # the configs as shipped (the paper's settings; a GPU)
         "pretrain_overlay": [], "finetune_overlay": [], "common": {}, "pretrain": {}, "finetune": {},
@@ -496,7 +496,9 @@ def _plot_dice(out: Path, groups: dict[tuple[str, int], list[dict]]) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for name in dict.fromkeys(k[0] for k in groups):
+    names = list(dict.fromkeys(k[0] for k in groups))
+    for i, name in enumerate(names):
+        dodge = 2.0 ** (0.06 * (i - (len(names) - 1) / 2))  # side by side at each count, on the log axis
         ns = sorted(n for m, n in groups if m == name)
         means, stds = [], []
         for n in ns:
@@ -504,10 +506,18 @@ def _plot_dice(out: Path, groups: dict[tuple[str, int], list[dict]]) -> None:
             mean = sum(vals) / len(vals)
             means.append(mean)
             stds.append(math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0)
-        ax.errorbar(ns, means, yerr=stds, marker="o", capsize=3, label=name)
-    ax.set_xlabel("labeled scans")
-    ax.set_ylabel("test mean 3D Dice (mean ± std over seeds)")
+        line = ax.errorbar([n * dodge for n in ns], means, yerr=stds, marker="o", capsize=3, label=name)
+        seeds = [r["dice_mean"] for n in ns for r in groups[(name, n)]]
+        xs = [n * dodge for n in ns for _ in groups[(name, n)]]
+        ax.scatter(xs, seeds, s=10, alpha=0.5, color=line[0].get_color())  # each seed
+    counts = sorted({n for _, n in groups})
     ax.set_xscale("log", base=2)
+    ax.set_xticks(counts, [str(n) for n in counts])
+    ax.set_xlim(min(counts) / 1.5, max(counts) * 1.5)
+    ax.minorticks_off()
+    ax.set_xlabel("labeled scans")
+    ax.set_ylabel("test mean 3D Dice")
+    ax.set_title("mean ± std over seeds; dots: each seed", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
