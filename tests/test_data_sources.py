@@ -229,6 +229,26 @@ def test_ensure_datalist_builds_once_and_monai_reads_it(tmp_path: Path) -> None:
     assert detect_source_kind(root) == "datalist"  # a folder holding datalist.json is passed through
 
 
+@pytest.mark.parametrize("given", ["acdc_with_training", "datalist_json"])
+def test_an_existing_datalist_is_reused_for_the_dataset_dir_it_was_built_from(tmp_path: Path, given: str) -> None:
+    """Resume, fine-tuning and evaluation pass the same --dataset_dir as the first command: an ACDC folder whose
+    scans are in training/, or a datalist JSON, must be recognised as the recorded source."""
+    if given == "acdc_with_training":
+        dataset_dir = write_acdc(tmp_path / "acdc", n_patients=4, wrap_training=True)
+    else:
+        write_folder(tmp_path / "data", n_cases=6)
+        dataset_dir = tmp_path / "mine.json"
+        entries = [{"image": f"data/images/Case0{i}.nii.gz", "label": f"data/masks/Case0{i}_Segmentation.nii.gz"}
+                   for i in range(6)]
+        dataset_dir.write_text(json.dumps({"training": entries}))
+    out = tmp_path / "runs" / "dl.json"
+    ensure_datalist(dataset_dir, out, num_val=1, num_test=1, labeled_counts=(1,), seeds=(0,))
+    assert ensure_datalist(dataset_dir, out) == str(out)  # the second command: same source, accepted
+    other = write_folder(tmp_path / "other", n_cases=4)
+    with pytest.raises(DataCheckError, match="another dataset"):
+        ensure_datalist(other, out)
+
+
 def test_datalist_outside_dataset_folder_uses_absolute_paths(tmp_path: Path) -> None:
     root = write_folder(tmp_path / "ds", n_cases=4)
     out = tmp_path / "elsewhere" / "dl.json"
@@ -265,3 +285,28 @@ def test_make_datalist_cli_bad_data_writes_nothing(tmp_path: Path, capsys: pytes
     assert make_datalist_main([*argv, "--labeled_counts", "[1]"]) == 1
     assert not out.exists() and not list(tmp_path.glob(".out.json*"))
     assert "Case02.nii.gz: constant volume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config", ["pretrain.json", "train.json"])
+def test_a_mistyped_dataset_dir_is_an_error_not_a_synthetic_dataset(tmp_path: Path, config: str) -> None:
+    from monai.bundle import ConfigParser
+
+    repo = Path(__file__).resolve().parents[1]
+
+    def parser(**overrides: object) -> ConfigParser:
+        p = ConfigParser()
+        p.read_config(repo / "configs" / config)
+        p.update({"bundle_root": str(tmp_path), **overrides})
+        return p
+
+    assert parser().get_parsed_content("generate_if_missing") is True  # the bundle's own data folder
+    typo = tmp_path / "dtaa" / "acdc"
+    mistyped = parser(dataset_dir=str(typo))
+    assert mistyped.get_parsed_content("generate_if_missing") is False
+    with pytest.raises(Exception) as caught:
+        mistyped.get_parsed_content("prepared_datalist")
+    error: BaseException | None = caught.value
+    while error is not None and not isinstance(error, FileNotFoundError):
+        error = error.__cause__
+    assert error is not None and str(typo) in str(error)
+    assert not (tmp_path / "dtaa").exists()  # nothing generated, nothing written

@@ -140,7 +140,10 @@ def build_datalist(
     check_splits(splits, labeled, name=str(root))
     if check:
         check_entries(all_entries, num_classes=int(num_classes), require_label=True, channel=channel, name="scans")
-    source: dict[str, Any] = {"kind": src.kind, "root": str(src.root)}
+    # root: where the scans were found (an ACDC folder's training/, a datalist JSON's folder); dataset_dir: what the
+    # user passed, the value a later command compares against
+    given = str(Path(root).expanduser().resolve())
+    source: dict[str, Any] = {"kind": src.kind, "root": str(src.root), "dataset_dir": given}
     source.update({k: v for k, v in src.extra.items() if v is not None})
     return {
         "training": splits["training"],
@@ -346,8 +349,10 @@ def ensure_datalist(
     path = Path(datalist_path).expanduser()
     if path.is_file():
         data = load_datalist(path)
-        recorded = (data.get("source") or {}).get("root")
-        if recorded is not None and Path(recorded).resolve() != Path(dataset_dir).resolve():
+        source = data.get("source") or {}
+        recorded = source.get("dataset_dir", source.get("root"))
+        accepted = {Path(p).resolve() for p in (source.get("dataset_dir"), source.get("root")) if p is not None}
+        if recorded is not None and Path(dataset_dir).expanduser().resolve() not in accepted:
             raise DataCheckError(
                 [
                     f"{path}: built from {recorded}, not from dataset_dir {dataset_dir}; pass --datalist <new file> "
@@ -427,7 +432,7 @@ def prepare_datalist(
         if not generate_if_missing:
             raise FileNotFoundError(
                 f"dataset_dir {str(dataset_dir)!r} does not exist and no datalist {str(datalist)!r} was built yet; "
-                "pass --dataset_dir <folder> (or --generate_if_missing true for the synthetic ACDC data)."
+                "check the path, or pass --generate_if_missing True to write the synthetic ACDC data there."
             )
         msg = f"generating {synthetic_patients} synthetic ACDC patients (seed {synthetic_seed}) in {dataset_dir}"
         logging.getLogger(__name__).info(msg)
