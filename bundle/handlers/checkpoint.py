@@ -9,6 +9,10 @@ since the last saved epoch is redone).
 
 ``NetworkExport`` writes the segmentation network's plain ``state_dict`` (keys of a MONAI ``BasicUNet``, heads
 excluded) at the end of every epoch and of the run, for fine-tuning to load.
+
+``AtomicCheckpointSaver`` is MONAI's ``CheckpointSaver`` whose fixed-name files (the best model ``models/model.pt``,
+the final model) are replaced atomically: MONAI's own deletes the previous best before writing the new one, so a
+kill in between left no model at all.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
+from ignite.handlers.checkpoint import BaseSaveHandler
+from monai.handlers import CheckpointSaver
 
-__all__ = ["TrainingStateCheckpoint", "NetworkExport", "atomic_save"]
+__all__ = ["AtomicCheckpointSaver", "TrainingStateCheckpoint", "NetworkExport", "atomic_save"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +37,40 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left when the write failed
     return path
+
+
+class _ReplaceFixedName(BaseSaveHandler):
+    """Ignite save handler for one fixed file name: every save replaces the file atomically, so ``remove`` (which
+    ignite calls *before* saving the new best) has nothing to do."""
+
+    def __init__(self, dirname: str | os.PathLike, filename: str) -> None:
+        self.path = Path(dirname) / filename
+
+    def __call__(self, checkpoint: Any, filename: str, metadata: Any = None) -> None:
+        atomic_save(checkpoint, self.path)
+
+    def remove(self, filename: str) -> None:
+        pass
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """:class:`monai.handlers.CheckpointSaver` (same arguments, same files) whose ``key_metric_filename`` and
+    ``final_filename`` files are written to a temporary file and moved over the old one: at any moment the folder
+    holds the previous best model or the new one, never neither."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for name in ("_key_metric_checkpoint", "_final_checkpoint"):
+            checkpoint = getattr(self, name, None)
+            fixed = getattr(getattr(checkpoint, "save_handler", None), "filename", None)
+            if checkpoint is not None and fixed is not None:
+                checkpoint.save_handler = _ReplaceFixedName(self.save_dir, fixed)
 
 
 class TrainingStateCheckpoint:
