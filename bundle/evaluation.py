@@ -35,7 +35,9 @@ __all__ = [
     "AFFINE_ATOL",
     "SegmentationMetricsSaver",
     "class_names_from_datalist",
+    "common_folder",
     "list_images",
+    "require_images",
     "require_file",
     "write_metrics",
 ]
@@ -65,24 +67,45 @@ def list_images(
     folder: str | os.PathLike,
     pattern: str = "*.nii*",
     exclude_suffixes: Sequence[str] = ("_gt", "_seg"),
+    missing_ok: bool = False,
 ) -> list[str]:
     """Sorted NIfTI files of ``folder`` matching ``pattern`` (``**/`` patterns search sub-folders), leaving out
     ground-truth and output files (file stems ending with one of ``exclude_suffixes``).
 
+    Args:
+        missing_ok: return ``[]`` for a missing folder or no match instead of raising (for configs parsed by
+            other tools, e.g. MONAI Label, where the folder is not used; :func:`require_images` raises later).
+
     Raises:
-        FileNotFoundError: when ``folder`` is not a directory or no image matches.
+        FileNotFoundError: when ``folder`` is not a directory or no image matches (unless ``missing_ok``).
     """
     root = Path(folder)
     if not root.is_dir():
+        if missing_ok:
+            return []
         raise FileNotFoundError(f"{root}: input folder of the images to segment does not exist.")
     files = sorted(
         str(p) for p in root.glob(pattern)
         if p.is_file() and p.name.endswith((".nii", ".nii.gz")) and not nifti_stem(p).endswith(tuple(exclude_suffixes))
     )
-    if not files:
+    if not files and not missing_ok:
         excluded = ", ".join(f"*{s}" for s in exclude_suffixes)
         raise FileNotFoundError(f"{root}: no NIfTI image matches {pattern!r} (excluding {excluded}).")
     return files
+
+
+def require_images(files: Sequence[str], folder: str | os.PathLike, pattern: str = "*.nii*") -> None:
+    """Raise :func:`list_images`' error for ``folder`` when there is nothing to segment (``files`` empty)."""
+    if not files:
+        list_images(folder, pattern)
+
+
+def common_folder(files: Sequence[str]) -> str:
+    """The deepest folder holding every file (``""`` for none): outputs keep the inputs' sub-folders below it, so
+    equal file names in different folders get different outputs."""
+    if not files:
+        return ""
+    return os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
 
 
 def class_names_from_datalist(datalist: str | os.PathLike | Mapping[str, Any] | None, num_classes: int) -> list[str]:

@@ -171,6 +171,40 @@ def test_inference_on_a_given_list_of_files(bundle_workflow, tiny_overrides, tin
     assert nib.load(out / "patient002_frame01_seg.nii.gz").shape == nib.load(chosen).shape
 
 
+def test_inference_keeps_equal_names_in_different_folders_apart(
+    bundle_workflow, tiny_overrides, tiny_acdc: Path, tmp_path: Path
+) -> None:
+    _random_model(tmp_path / "models" / "model.pt")
+    inputs = tmp_path / "in"
+    for sub, patient in (("a", "patient001"), ("b/deeper", "patient002")):
+        (inputs / sub).mkdir(parents=True)
+        src = tiny_acdc / patient / f"{patient}_frame01.nii.gz"
+        (inputs / sub / "scan.nii.gz").write_bytes(src.read_bytes())
+    out = tmp_path / "out"
+    wf = bundle_workflow(["inference"], workflow_type="infer", **tiny_overrides, bundle_root=str(tmp_path),
+                         dataset_dir=str(inputs), input_pattern="**/*.nii*", output_dir=str(out))
+    wf.initialize()
+    wf.run()
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.nii.gz"))
+    assert written == ["a/scan_seg.nii.gz", "b/deeper/scan_seg.nii.gz"]
+    for sub in ("a", "b/deeper"):
+        assert nib.load(out / sub / "scan_seg.nii.gz").shape == nib.load(inputs / sub / "scan.nii.gz").shape
+
+
+def test_inference_on_a_missing_folder_stops_at_initialize_naming_it(
+    bundle_workflow, tiny_overrides, tmp_path: Path
+) -> None:
+    _random_model(tmp_path / "models" / "model.pt")
+    out = tmp_path / "out"
+    wf = bundle_workflow(["inference"], workflow_type="infer", **tiny_overrides, bundle_root=str(tmp_path),
+                         dataset_dir=str(tmp_path / "absent"), output_dir=str(out))
+    with pytest.raises(Exception) as caught:
+        wf.initialize()
+    error = _cause(caught.value)
+    assert isinstance(error, FileNotFoundError) and str(tmp_path / "absent") in str(error)
+    assert not out.exists()
+
+
 def test_list_images(tmp_path: Path) -> None:
     for name in ("b.nii.gz", "a.nii", "a_gt.nii.gz", "a_seg.nii.gz", "notes.txt"):
         (tmp_path / name).write_bytes(b"")
@@ -179,3 +213,4 @@ def test_list_images(tmp_path: Path) -> None:
         list_images(tmp_path, "*.mha")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         list_images(tmp_path / "absent")
+    assert list_images(tmp_path / "absent", missing_ok=True) == [] == list_images(tmp_path, "*.mha", missing_ok=True)
