@@ -99,6 +99,41 @@ def test_nan_inf_voxels(tmp_path: Path, bad: float) -> None:
     assert _problems([e]) == [f"{e['image']}: 2 NaN/Inf voxels"]
 
 
+@pytest.mark.parametrize(
+    ("diagonal", "expected"),
+    [
+        ((1.25, 0.0, 8.0), "zero voxel spacing (1.25, 0, 8 mm; a degenerate affine)"),
+        ((1.25, 1.25, 1e6), "implausible voxel spacing (1.25, 1.25, 1e+06 mm; expected 0.01 to 100 mm)"),
+        ((1e-4, 1.25, 8.0), "implausible voxel spacing (0.0001, 1.25, 8 mm; expected 0.01 to 100 mm)"),
+    ],
+)
+def test_zero_and_implausible_spacing(tmp_path: Path, diagonal: tuple[float, ...], expected: str) -> None:
+    e = _pair(tmp_path)
+    # written through the header's sform as a broken file has it (nibabel would not build such an image itself)
+    header = nib.Nifti1Header()
+    header.set_data_shape(SHAPE)
+    header.set_data_dtype(np.float32)
+    header.set_sform(AFFINE, code=2)
+    for row, value in zip(("srow_x", "srow_y", "srow_z"), diagonal, strict=True):
+        srow = np.zeros(4)
+        srow["xyz".index(row[-1])] = value
+        header[row] = srow
+    img = np.random.default_rng(0).uniform(1.0, 50.0, SHAPE).astype(np.float32)
+    nib.save(nib.Nifti1Image(img, None, header=header), e["image"])
+    del e["label"]  # the image's own header is what is checked
+    assert _problems([e], require_label=False) == [f"{e['image']}: {expected}"]
+
+
+def test_unusual_spacing_is_a_warning_only(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    e = _pair(tmp_path)
+    _save(Path(e["image"]), np.random.default_rng(0).uniform(1.0, 50.0, SHAPE).astype(np.float32),
+          np.diag([1.25, 1.25, 30.0, 1.0]))
+    del e["label"]
+    with caplog.at_level("WARNING", logger="bundle.data.checks"):
+        check_entries([e], num_classes=3, require_label=False)
+    assert f"{e['image']}: unusual voxel spacing (1.25, 1.25, 30 mm)" in caplog.text
+
+
 def test_2d_file_where_3d_expected(tmp_path: Path) -> None:
     e = _pair(tmp_path)
     _save(Path(e["image"]), np.random.default_rng(0).uniform(1, 2, (16, 12)).astype(np.float32))

@@ -11,7 +11,8 @@ Catalogue of problems reported (each has a test in ``tests/test_data_checks.py``
 - a missing file; an unreadable or corrupt NIfTI file (header or voxel data cannot be decoded);
 - a 2D image (or a 3D image with a single slice) where a 3D volume is expected; a multi-channel (4D) image without a
   chosen channel, or a channel index that the image does not have;
-- a non-finite affine; NaN/Inf voxels;
+- a non-finite affine; a zero or implausible voxel spacing (outside 0.01–100 mm; outside 0.1–20 mm only a warning);
+  NaN/Inf voxels;
 - a constant image volume (e.g. all zeros), or constant 2D slices (along the stored slice axis, the last one);
 - an image/label spatial shape mismatch, or an image/label affine mismatch;
 - label values that are not integers or lie outside ``0 .. num_classes - 1``.
@@ -22,6 +23,7 @@ PROMISE12 files; the pre-processing keeps that axis last (see :mod:`bundle.data.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,10 @@ __all__ = ["DataCheckError", "check_entries", "check_file_exists"]
 
 AFFINE_ATOL = 1e-3  # millimetres: tolerance between image and label affines
 MAX_LISTED = 8  # at most this many slice indices or label values are listed in one message
+SPACING_LIMITS_MM = (0.01, 100.0)  # voxel spacing outside: an error (a broken header, not a scan)
+SPACING_USUAL_MM = (0.1, 20.0)  # outside (but within the limits): a warning
+
+logger = logging.getLogger(__name__)
 
 
 class DataCheckError(ValueError):
@@ -127,8 +133,19 @@ def _image_geometry(
         if min(spatial) < 2:
             problems.append(f"{path}: single-slice image (shape {shape}) where a 3D volume is expected")
             return None
-    if not np.all(np.isfinite(img.affine)):
-        problems.append(f"{path}: non-finite affine {np.asarray(img.affine).tolist()}")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)):
+        problems.append(f"{path}: non-finite affine {affine.tolist()}")
+        return spatial, read_channel
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)[: len(spatial)]  # mm per voxel, as resampling reads it
+    shown = ", ".join(f"{v:.4g}" for v in spacing)
+    if np.any(spacing <= 0):
+        problems.append(f"{path}: zero voxel spacing ({shown} mm; a degenerate affine)")
+    elif np.any(spacing < SPACING_LIMITS_MM[0]) or np.any(spacing > SPACING_LIMITS_MM[1]):
+        low, high = SPACING_LIMITS_MM
+        problems.append(f"{path}: implausible voxel spacing ({shown} mm; expected {low:g} to {high:g} mm)")
+    elif np.any(spacing < SPACING_USUAL_MM[0]) or np.any(spacing > SPACING_USUAL_MM[1]):
+        logger.warning(f"{path}: unusual voxel spacing ({shown} mm); check the header if this is not intended")
     return spatial, read_channel
 
 
