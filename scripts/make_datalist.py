@@ -43,6 +43,7 @@ def make_datalist(
     patient_regex: str | None = None,
     check: bool = True,
     overwrite: bool = False,
+    unlabeled_dir: str | None = None,
 ) -> str:
     """Build the datalist of ``root`` (layout ``kind``: acdc, msd, folder, datalist or auto) into ``output``.
 
@@ -62,6 +63,7 @@ def make_datalist(
         patient_regex: folder layout: regex extracting the patient id from the scan id.
         check: check every file's content before writing.
         overwrite: replace an existing, different ``output``.
+        unlabeled_dir: a folder of unlabeled images (NIfTI at any depth) added to pre-training only.
 
     Returns:
         the path written.
@@ -84,6 +86,7 @@ def make_datalist(
         label_pattern=label_pattern,
         patient_regex=patient_regex,
         check=check,
+        unlabeled_dir=unlabeled_dir,
     )
     out = Path(output)
     if out.exists() and not overwrite:
@@ -91,10 +94,11 @@ def make_datalist(
         if old.get("file_hash") != datalist["file_hash"] or old.get("split_hash") != datalist["split_hash"]:
             raise FileExistsError(f"{out}: exists with a different file list or split; pass --overwrite to replace.")
     path = write_datalist(datalist, out)
-    counts = {k: len(datalist[k]) for k in ("training", "validation", "test")}
+    counts = {k: len(datalist[k]) for k in ("training", "validation", "test", "unlabeled")}
     print(
         f"{path}: {datalist['source']['kind']} source, {counts['training']} training / {counts['validation']}"
-        f" validation / {counts['test']} test scans, labeled counts {datalist['labeled_counts']} for seeds"
+        f" validation / {counts['test']} test / {counts['unlabeled']} unlabeled scans,"
+        f" labeled counts {datalist['labeled_counts']} for seeds"
         f" {datalist['seeds']}, num_classes {datalist['num_classes']}, file_hash {datalist['file_hash'][:12]}"
     )
     return str(path)

@@ -34,7 +34,7 @@ import nibabel as nib
 import numpy as np
 
 from bundle.data.checks import DataCheckError, check_entries
-from bundle.data.sources import SourceScans, detect_source_kind, find_scans, nifti_stem
+from bundle.data.sources import SourceScans, detect_source_kind, find_images, find_scans, nifti_stem
 from bundle.data.splits import check_splits, choose_labeled, file_hash, split_by_patient, split_hash
 
 __all__ = [
@@ -45,11 +45,13 @@ __all__ = [
     "infer_num_classes",
     "load_datalist",
     "load_split",
+    "pretraining_entries",
     "write_datalist",
 ]
 
 DATALIST_VERSION = 1
 SPLITS = ("training", "validation", "test")
+POOLS = (*SPLITS, "unlabeled")  # unlabeled: images only, pre-training only
 CREATED_BY = "bundle.data.datalist (scripts/make_datalist.py)"
 
 
@@ -88,8 +90,13 @@ def build_datalist(
     label_pattern: str | None = None,
     patient_regex: str | None = None,
     check: bool = True,
+    unlabeled_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Find the scans of a dataset, split them, choose the labeled subsets, check everything; absolute paths.
+
+    Unlabeled scans (those the source has without labels, and every image below ``unlabeled_dir``) go to the
+    ``"unlabeled"`` pool: pre-training reads them with the training split; they never join a labeled subset or an
+    evaluation split. A source with unlabeled scans only gives empty splits (pre-training only).
 
     Args:
         kind: ``"acdc"``, ``"msd"``, ``"folder"``, ``"datalist"`` or ``"auto"`` (see :mod:`bundle.data.sources`).
@@ -105,6 +112,7 @@ def build_datalist(
         label_pattern: folder sources: label pattern with ``{id}``.
         patient_regex: folder sources: regex giving the patient id from the scan id.
         check: run :func:`~bundle.data.checks.check_entries` on every scan (recommended; reads every file once).
+        unlabeled_dir: a folder of unlabeled images (NIfTI files at any depth) added to the pre-training pool.
 
     Raises:
         DataCheckError: for any problem in the layout, the files, the split sizes or the labeled counts.
@@ -114,8 +122,11 @@ def build_datalist(
     src: SourceScans = find_scans(kind, root, channel, image_pattern, label_pattern, patient_regex)
     if channel is None:
         channel = src.channel
+    unlabeled = [dict(e) for e in src.unlabeled] + (find_images(unlabeled_dir) if unlabeled_dir is not None else [])
     intact = bool(src.splits and src.splits.get("validation") and src.splits.get("test"))
-    if intact and src.splits:
+    if not src.entries:  # unlabeled scans only: pre-training, nothing to fine-tune or evaluate
+        splits = {k: [] for k in SPLITS}
+    elif intact and src.splits:
         splits = {k: [dict(e) for e in src.splits.get(k, [])] for k in SPLITS}
     elif src.splits:
         # datalist without validation and/or test: carve what is missing out of its training list
@@ -132,29 +143,37 @@ def build_datalist(
         splits = split_by_patient(src.entries, num_val, num_test, split_seed)
     all_entries = [e for k in SPLITS for e in splits[k]]
     if num_classes is None:
-        num_classes = src.num_classes if src.num_classes is not None else infer_num_classes(all_entries)
-    if intact and src.labeled and _same_recorded(src.labeled, seeds, counts):
+        num_classes = src.num_classes if src.num_classes is not None or not all_entries else infer_num_classes(
+            all_entries)
+    if not all_entries:
+        labeled: dict[str, dict[str, list[str]]] = {}
+    elif intact and src.labeled and _same_recorded(src.labeled, seeds, counts):
         labeled = src.labeled  # a datalist of ours passes straight through, its labeled subsets included
     else:
         labeled = choose_labeled(splits["training"], seeds, counts)
-    check_splits(splits, labeled, name=str(root))
-    if check:
+    check_splits({**splits, "unlabeled": unlabeled}, labeled, name=str(root))
+    if check and all_entries:
         check_entries(all_entries, num_classes=int(num_classes), require_label=True, channel=channel, name="scans")
+    if check and unlabeled:
+        check_entries(unlabeled, num_classes=None, require_label=False, channel=channel, name="unlabeled scans")
     # root: where the scans were found (an ACDC folder's training/, a datalist JSON's folder); dataset_dir: what the
     # user passed, the value a later command compares against
-    given = str(Path(root).expanduser().resolve())
-    source: dict[str, Any] = {"kind": src.kind, "root": str(src.root), "dataset_dir": given}
+    dataset_dir = str(Path(root).expanduser().resolve())
+    source: dict[str, Any] = {"kind": src.kind, "root": str(src.root), "dataset_dir": dataset_dir}
+    if unlabeled_dir is not None:
+        source["unlabeled_dir"] = str(Path(unlabeled_dir).expanduser().resolve())
     source.update({k: v for k, v in src.extra.items() if v is not None})
     return {
         "training": splits["training"],
         "validation": splits["validation"],
         "test": splits["test"],
+        "unlabeled": unlabeled,
         "labeled": labeled,
-        "num_classes": int(num_classes),
+        "num_classes": int(num_classes) if num_classes is not None else None,
         "label_names": src.label_names,
         "channel": channel,
         "source": source,
-        "file_hash": file_hash(all_entries),
+        "file_hash": file_hash(all_entries + unlabeled),
         "split_hash": split_hash(splits, labeled),
         "split_seed": int(split_seed),
         "seeds": sorted(int(s) for s in labeled),
@@ -181,7 +200,7 @@ def write_datalist(datalist: Mapping[str, Any], path: str | Path) -> Path:
     path = Path(path).expanduser().resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     out = dict(datalist)
-    for key in SPLITS:
+    for key in POOLS:
         out[key] = []
         for e in datalist.get(key, []):
             rel = {k: _relative(e[k], path.parent) for k in ("image", "label") if isinstance(e.get(k), str)}
@@ -226,7 +245,7 @@ def load_datalist(datalist: str | Path | Mapping[str, Any], base_dir: str | Path
         name = str(p)
     if not isinstance(data, Mapping) or not isinstance(data.get("training"), list):
         raise DataCheckError([f"{name}: no 'training' list (not a datalist)"])
-    for key in SPLITS:
+    for key in POOLS:
         items = data.get(key) or []
         resolved = []
         for e in items:
@@ -238,7 +257,7 @@ def load_datalist(datalist: str | Path | Mapping[str, Any], base_dir: str | Path
             resolved.append(e)
         data[key] = resolved
     data.setdefault("labeled", {})
-    check_splits({k: data[k] for k in SPLITS}, data["labeled"], name=name)
+    check_splits({k: data[k] for k in POOLS}, data["labeled"], name=name)
     data["_path"] = name
     return data
 
@@ -249,16 +268,18 @@ def load_split(
     labeled_seed: int | None = None,
     num_labeled: int | None = None,
     with_labels: bool = True,
+    allow_empty: bool = False,
 ) -> list[dict[str, Any]]:
     """Entries of one split with absolute paths.
 
     Args:
         datalist: datalist JSON path (or its loaded content, see :func:`load_datalist`).
-        split: ``"training"``, ``"validation"`` or ``"test"``.
+        split: ``"training"``, ``"validation"``, ``"test"`` or ``"unlabeled"`` (images only).
         labeled_seed: seed whose labeled subset to use; may be omitted when only one seed is recorded.
         num_labeled: ``"training"`` only: return only the labeled scans of that seed and count. Asking for every
             training scan (``num_labeled == len(training)``) returns all of them even if not recorded.
         with_labels: ``False`` drops ``"label"`` from every entry (pre-training sees no labels).
+        allow_empty: return ``[]`` for an empty split instead of raising.
 
     Raises:
         ValueError: for an unknown split, ``num_labeled`` with a split other than training, or a seed/count that
@@ -268,10 +289,13 @@ def load_split(
     Example:
         >>> load_split("datalist.json", "training", labeled_seed=0, num_labeled=2)  # doctest: +SKIP
     """
-    if split not in SPLITS:
-        raise ValueError(f"Unsupported split: {split!r}; expected one of {SPLITS}.")
+    if split not in POOLS:
+        raise ValueError(f"Unsupported split: {split!r}; expected one of {POOLS}.")
     data = load_datalist(datalist)
     entries = data[split]
+    if not entries and not allow_empty:
+        unlabeled = f" (it holds {len(data['unlabeled'])} unlabeled scans only)" if data["unlabeled"] else ""
+        raise DataCheckError([f"{data['_path']}: empty '{split}' split{unlabeled}"])
     if num_labeled is not None:
         if split != "training":
             raise ValueError(f"num_labeled applies to the 'training' split only, not {split!r}.")
@@ -298,11 +322,23 @@ def load_split(
                 )
             by_id = {str(e["scan_id"]): e for e in entries}
             entries = [by_id[s] for s in ids]
-    if not entries:
-        raise DataCheckError([f"{data['_path']}: empty '{split}' split"])
     if not with_labels:
         entries = [{k: v for k, v in e.items() if k != "label"} for e in entries]
     return [dict(e) for e in entries]
+
+
+def pretraining_entries(datalist: str | Path | Mapping[str, Any]) -> list[dict[str, Any]]:
+    """What pre-training reads: the training split with its labels dropped, then the unlabeled pool.
+
+    Raises:
+        DataCheckError: when both are empty.
+    """
+    data = load_datalist(datalist)
+    entries = load_split(data, "training", with_labels=False, allow_empty=True) + load_split(
+        data, "unlabeled", allow_empty=True)
+    if not entries:
+        raise DataCheckError([f"{data['_path']}: no scan to pre-train on (empty 'training' and 'unlabeled')"])
+    return entries
 
 
 def labeled_subset(entries: Sequence[Mapping[str, Any]], limit: int | None = None) -> list[dict[str, Any]]:
@@ -334,8 +370,12 @@ def ensure_datalist(
     label_pattern: str | None = None,
     patient_regex: str | None = None,
     check: bool = True,
+    unlabeled_dir: str | Path | None = None,
 ) -> str:
     """Return ``datalist_path``, building it from ``dataset_dir`` first if it does not exist yet.
+
+    ``unlabeled_dir`` (a folder of unlabeled images for pre-training) must match the one an existing datalist was
+    built with; ``None`` accepts whatever it holds (fine-tuning and evaluation do not read the unlabeled pool).
 
     An existing datalist is used as it is (its splits must be leak-free and every file it lists must exist; files
     are not re-read). Otherwise the source kind of
@@ -360,6 +400,15 @@ def ensure_datalist(
                 ],
                 header="datalist belongs to another dataset",
             )
+        if unlabeled_dir is not None:
+            wanted = str(Path(unlabeled_dir).expanduser().resolve())
+            if source.get("unlabeled_dir") != wanted:
+                built = f"with unlabeled_dir {source['unlabeled_dir']}" if source.get("unlabeled_dir") else (
+                    "without unlabeled_dir")
+                raise DataCheckError(
+                    [f"{path}: built {built}, not with {wanted}; pass --datalist <new file> (or delete the old one)"],
+                    header="datalist was built with other unlabeled scans",
+                )
         if int(data.get("split_seed", split_seed)) != int(split_seed):
             raise DataCheckError(
                 [f"{path}: recorded split_seed {data.get('split_seed')} differs from the requested {split_seed}"],
@@ -367,7 +416,7 @@ def ensure_datalist(
             )
         missing = [
             f"{e[k]}: missing file (listed in {path}, split '{split}')"
-            for split in SPLITS
+            for split in POOLS
             for e in data[split]
             for k in ("image", "label")
             if k in e and not Path(e[k]).is_file()
@@ -391,6 +440,7 @@ def ensure_datalist(
         label_pattern=label_pattern,
         patient_regex=patient_regex,
         check=check,
+        unlabeled_dir=unlabeled_dir,
     )
     return str(write_datalist(datalist, path))
 
@@ -404,6 +454,7 @@ def prepare_datalist(
     generate_if_missing: bool = False,
     synthetic_patients: int = 100,
     synthetic_seed: int = 0,
+    unlabeled_dir: str | os.PathLike | None = None,
 ) -> str:
     """Return the path of the datalist shared by every config, creating the data and the datalist if needed.
 
@@ -421,6 +472,7 @@ def prepare_datalist(
         generate_if_missing: write the synthetic ACDC dataset into a missing ``dataset_dir``.
         synthetic_patients: number of synthetic patients.
         synthetic_seed: seed of the synthetic dataset (independent of the training seed).
+        unlabeled_dir: a folder of unlabeled images added to pre-training (see :func:`build_datalist`).
 
     Raises:
         FileNotFoundError: when ``dataset_dir`` does not exist, no datalist exists yet and nothing may be generated.
@@ -437,4 +489,5 @@ def prepare_datalist(
         msg = f"generating {synthetic_patients} synthetic ACDC patients (seed {synthetic_seed}) in {dataset_dir}"
         logging.getLogger(__name__).info(msg)
         generate_synthetic_acdc(dataset_dir, num_patients=int(synthetic_patients), seed=int(synthetic_seed))
-    return ensure_datalist(dataset_dir, datalist, num_classes=num_classes, split_seed=split_seed, channel=channel)
+    return ensure_datalist(dataset_dir, datalist, num_classes=num_classes, split_seed=split_seed, channel=channel,
+                           unlabeled_dir=unlabeled_dir)

@@ -1,7 +1,8 @@
 """Find the scans of a dataset on disk, in any of the four layouts users bring.
 
 Each ``find_*`` function returns a :class:`SourceScans`: the labeled 3D scans found (absolute paths, one dict per
-scan with ``"image"``, ``"label"``, ``"scan_id"`` and ``"patient_id"``) and what the layout says about the classes.
+scan with ``"image"``, ``"label"``, ``"scan_id"`` and ``"patient_id"``), the unlabeled ones (images only: they join
+pre-training, never a labeled pool or an evaluation split) and what the layout says about the classes.
 Missing files and malformed layouts are collected and raised as one
 :class:`~bundle.data.checks.DataCheckError` naming every file and problem.
 
@@ -12,19 +13,24 @@ Layouts (``kind``):
   folder of patient folders or a folder holding ``training/`` (only ``training/`` is used then). Scan id is the
   frame file's stem (``patient001_frame01``), patient id the folder name; both phases share the patient id, which
   keeps them in the same split.
-- ``"msd"``: Medical Segmentation Decathlon task folder (``dataset.json``, ``imagesTr/``, ``labelsTr/``). Only the
-  labeled ``"training"`` cases are used (``imagesTs`` has no labels to evaluate against). Multi-channel (4D) images
-  keep their channel axis; the channel to use (default 0, T2 for the prostate task) is recorded.
+- ``"msd"``: Medical Segmentation Decathlon task folder (``dataset.json``, ``imagesTr/``, ``labelsTr/``). The
+  labeled ``"training"`` cases are the scans; the ``"test"`` images (``imagesTs``, no labels) are unlabeled.
+  Multi-channel (4D) images keep their channel axis; the channel to use (default 0, T2 for the prostate task) is
+  recorded.
 - ``"folder"``: a folder of image/mask pairs matched by patterns with an ``{id}`` placeholder, e.g.
-  ``images/{id}.nii.gz`` and ``masks/{id}_Segmentation.nii.gz``. Without patterns, common pairs are tried.
+  ``images/{id}.nii.gz`` and ``masks/{id}_Segmentation.nii.gz``. Without patterns, common pairs are tried; a
+  folder with no pair at all is a folder of unlabeled images (every NIfTI file below it). In a folder with pairs,
+  an image without its mask is an error (a mask gone missing, not an unlabeled scan).
 - ``"datalist"``: an existing MONAI datalist JSON (decathlon format, ``"training"`` and optionally
   ``"validation"``/``"test"`` lists); paths are resolved against the JSON's folder, as MONAI's
-  ``load_decathlon_datalist`` does, and its splits (and ``"labeled"`` subsets, when present) are kept.
+  ``load_decathlon_datalist`` does, and its splits (and ``"labeled"`` subsets, when present) are kept. Entries
+  without ``"label"`` (in any list, or in an ``"unlabeled"`` list) are unlabeled.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +48,7 @@ __all__ = [
     "find_acdc",
     "find_datalist",
     "find_folder",
+    "find_images",
     "find_msd",
     "find_scans",
     "nifti_stem",
@@ -49,6 +56,7 @@ __all__ = [
 ]
 
 SOURCE_KINDS = ("acdc", "msd", "folder", "datalist")
+logger = logging.getLogger(__name__)
 ACDC_LABEL_NAMES = {"0": "background", "1": "RV", "2": "myocardium", "3": "LV"}
 SPLIT_KEYS = ("training", "validation", "test")
 # (image pattern, label pattern) pairs tried, in order, when a folder source is given no patterns
@@ -80,6 +88,7 @@ class SourceScans:
         channel: the channel of multi-channel images to use (``None`` for 3D images).
         splits: predefined ``{"training": [...], "validation": [...], "test": [...]}`` (datalist sources only).
         labeled: predefined ``{"<seed>": {"<count>": [scan_id, ...]}}`` (datalist sources only).
+        unlabeled: images without labels (``"image"``, ``"scan_id"``, ``"patient_id"``): pre-training only.
     """
 
     kind: str
@@ -91,6 +100,7 @@ class SourceScans:
     splits: dict[str, list[dict[str, Any]]] | None = None
     labeled: dict[str, dict[str, list[str]]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    unlabeled: list[dict[str, Any]] = field(default_factory=list)
 
 
 def nifti_stem(path: str | Path) -> str:
@@ -236,6 +246,22 @@ def find_msd(root: str | Path, channel: int | None = 0) -> SourceScans:
         if ok:
             sid = nifti_stem(image)
             entries.append({"image": str(image), "label": str(label), "scan_id": sid, "patient_id": sid})
+    unlabeled: list[dict[str, Any]] = []
+    absent: list[str] = []
+    for i, case in enumerate(meta.get("test") or []):
+        rel = case.get("image") if isinstance(case, Mapping) else case
+        if not isinstance(rel, str):
+            problems.append(f"{meta_path}: test case {i} has no image path ({case!r})")
+            continue
+        image = (root / rel).resolve()
+        if not image.is_file():
+            absent.append(str(image))
+            continue
+        sid = nifti_stem(image)
+        unlabeled.append({"image": str(image), "scan_id": sid, "patient_id": sid})
+    if absent:  # optional extras (often not downloaded): the labeled cases are still usable
+        logger.warning(f"{meta_path}: {len(absent)} listed test images missing, pre-training goes without them: "
+                       f"{', '.join(absent[:5])}{' ...' if len(absent) > 5 else ''}")
     if problems:
         raise DataCheckError(problems, header=f"Decathlon folder {root} is incomplete")
     labels = meta.get("labels")
@@ -251,6 +277,7 @@ def find_msd(root: str | Path, channel: int | None = 0) -> SourceScans:
         label_names=label_names,
         channel=channel,
         extra=extra,
+        unlabeled=unlabeled,
     )
 
 
@@ -309,8 +336,11 @@ def find_folder(
             if n_pairs and (best is None or n_pairs > best[0]):
                 best = (n_pairs, ip, lp)
         if best is None:
+            unlabeled = find_images(root)
+            if unlabeled:  # no pair at all: a folder of unlabeled images
+                return SourceScans("folder", root, [], unlabeled=unlabeled, extra={"unlabeled_only": True})
             tried = "; ".join(f"{ip} + {lp}" for ip, lp in FOLDER_PATTERNS)
-            raise DataCheckError([f"{root}: no image/label pairs found (patterns tried: {tried})"])
+            raise DataCheckError([f"{root}: no image/label pairs and no NIfTI image found (patterns tried: {tried})"])
         _, image_pattern, label_pattern = best
     images, labels = _match_pairs(root, image_pattern, label_pattern)
     if not images:
@@ -333,6 +363,29 @@ def find_folder(
     if problems:
         raise DataCheckError(problems, header=f"folder {root} is incomplete")
     return SourceScans("folder", root, entries, extra={"image_pattern": image_pattern, "label_pattern": label_pattern})
+
+
+def find_images(root: str | Path, exclude_suffixes: Sequence[str] = ("_gt", "_seg", "_Segmentation", "_label")
+                ) -> list[dict[str, Any]]:
+    """Every NIfTI image below ``root`` (sub-folders included, sorted), as unlabeled entries; files whose stem ends
+    with a label suffix are left out. Scan ids are the paths relative to ``root`` without the extension, so equal
+    file names in different sub-folders stay distinct.
+
+    Raises:
+        DataCheckError: when ``root`` is not a folder.
+    """
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise DataCheckError([f"{root}: missing folder of unlabeled images (no such directory)"])
+    entries = []
+    for path in sorted(root.rglob("*")):
+        if not path.is_file() or not path.name.endswith((".nii", ".nii.gz")):
+            continue
+        if nifti_stem(path).endswith(tuple(exclude_suffixes)) or path.name.startswith("."):
+            continue
+        sid = (path.parent.relative_to(root) / nifti_stem(path)).as_posix()
+        entries.append({"image": str(path), "scan_id": sid, "patient_id": sid})
+    return entries
 
 
 # ------------------------------------------------------------------------------------------------- datalist
@@ -360,7 +413,8 @@ def find_datalist(path: str | Path) -> SourceScans:
         path: the JSON file; relative paths in it are relative to its folder.
 
     Raises:
-        DataCheckError: for an unreadable file, no ``"training"`` entries, or entries without ``"image"``.
+        DataCheckError: for an unreadable file, no ``"training"`` (or ``"unlabeled"``) entries, or entries without
+            ``"image"``.
     """
     path = Path(path).expanduser().resolve()
     if not path.is_file():
@@ -369,12 +423,12 @@ def find_datalist(path: str | Path) -> SourceScans:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise DataCheckError([f"{path}: unreadable JSON ({e})"]) from e
-    if not isinstance(data, Mapping) or not isinstance(data.get("training"), list) or not data["training"]:
-        raise DataCheckError([f"{path}: no 'training' entries (empty datalist)"])
+    if not isinstance(data, Mapping) or not (data.get("training") or data.get("unlabeled")):
+        raise DataCheckError([f"{path}: no 'training' (or 'unlabeled') entries (empty datalist)"])
     base = path.parent
     problems: list[str] = []
     splits: dict[str, list[dict[str, Any]]] = {}
-    for key in SPLIT_KEYS:
+    for key in (*SPLIT_KEYS, "unlabeled"):
         items = data.get(key)
         if items is None:
             continue
@@ -385,8 +439,13 @@ def find_datalist(path: str | Path) -> SourceScans:
         splits[key] = [e for e in resolved if e is not None]
     if problems:
         raise DataCheckError(problems, header=f"datalist {path} is malformed")
-    for key in ("validation", "test"):  # MSD-style unlabeled test lists cannot be evaluated: not a split here
-        if key in splits and not all("label" in e for e in splits[key]):
+    unlabeled = [{k: v for k, v in e.items() if k != "label"} for e in splits.pop("unlabeled", [])]
+    for key in SPLIT_KEYS:  # entries without a label (e.g. MSD-style test lists) are unlabeled scans
+        unlabeled += [e for e in splits.get(key, []) if "label" not in e]
+        if key in splits:
+            splits[key] = [e for e in splits[key] if "label" in e]
+    for key in ("validation", "test"):  # an emptied evaluation split is carved again from training
+        if key in splits and not splits[key]:
             splits.pop(key)
     entries = [e for key in SPLIT_KEYS for e in splits.get(key, [])]
     labeled = data.get("labeled")
@@ -402,6 +461,7 @@ def find_datalist(path: str | Path) -> SourceScans:
         splits=splits,
         labeled={str(s): {str(c): list(v) for c, v in d.items()} for s, d in labeled.items()} if labeled else None,
         extra={"datalist": str(path)},
+        unlabeled=unlabeled,
     )
 
 

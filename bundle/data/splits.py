@@ -169,23 +169,28 @@ def check_splits(
     labeled: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
     name: str = "datalist",
 ) -> None:
-    """Prove the splits leak-free: no scan id, patient id or file shared between two splits, training non-empty,
-    and every labeled scan inside training.
+    """Prove the splits leak-free: no scan id, patient id or file shared between two splits, something to train on
+    (training or, for pre-training only, unlabeled scans), and every labeled scan inside training.
+
+    The ``"unlabeled"`` pool (images only) may share patients with training (other frames of a training patient),
+    never with validation or test, and never a scan id or file with any split.
 
     Raises:
         DataCheckError: listing every overlap, missing scan or empty split.
     """
     problems: list[str] = []
-    if not splits.get("training"):
-        problems.append(f"{name}: empty training split")
-    keys = [k for k in SPLITS if k in splits]
+    if not splits.get("training") and not splits.get("unlabeled"):
+        problems.append(f"{name}: empty training split (and no unlabeled scans)")
+    keys = [k for k in (*SPLITS, "unlabeled") if k in splits]
     for field in ("scan_id", "patient_id", "image"):
         owner: dict[str, str] = {}
         for key in keys:
             for e in splits[key]:
                 value = str(e.get(field, e.get("scan_id")))
-                if value in owner and owner[value] != key:
-                    problems.append(f"{name}: {field} {value!r} is in both '{owner[value]}' and '{key}'")
+                first = owner.get(value)
+                if first is not None and first != key and not (field == "patient_id" and {first, key} == {
+                        "training", "unlabeled"}):
+                    problems.append(f"{name}: {field} {value!r} is in both '{first}' and '{key}'")
                 owner.setdefault(value, key)
     train_ids = {str(e["scan_id"]) for e in splits.get("training", [])}
     for seed, by_count in (labeled or {}).items():
