@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -133,3 +134,23 @@ def test_bad_overrides_rejected_before_training(bundle_workflow, pretrain_overri
     assert message in str(_root_cause(info.value))
     assert not Path(pretrain_overrides["state_path"]).exists()
     assert not Path(pretrain_overrides["pretrained_path"]).exists()
+
+
+def test_a_file_corrupted_after_the_datalist_was_built_is_named_before_training(
+    bundle_workflow, pretrain_overrides, tiny_acdc, tmp_path
+):
+    from bundle.data.checks import DataCheckError
+    from bundle.data.datalist import ensure_datalist, load_split
+
+    data = tmp_path / "acdc_copy"
+    shutil.copytree(tiny_acdc, data)
+    datalist = ensure_datalist(data, tmp_path / "dl.json")
+    victim = Path(load_split(datalist, "training")[0]["image"])
+    victim.write_bytes(b"corrupted after the datalist was written")
+    over = dict(pretrain_overrides, dataset_dir=str(data), datalist=datalist)
+    wf = bundle_workflow(["pretrain"], **over)
+    with pytest.raises(Exception) as caught:
+        wf.initialize()
+    error = _root_cause(caught.value)
+    assert isinstance(error, DataCheckError) and f"{victim}: unreadable or corrupt" in str(error)
+    assert not Path(over["pretrained_path"]).exists()
