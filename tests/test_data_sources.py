@@ -249,6 +249,18 @@ def test_an_existing_datalist_is_reused_for_the_dataset_dir_it_was_built_from(tm
         ensure_datalist(other, out)
 
 
+def test_datalist_file_gets_the_usual_permissions(tmp_path: Path) -> None:
+    import os
+
+    root = write_folder(tmp_path / "ds", n_cases=4)
+    old = os.umask(0o022)
+    try:
+        out = Path(ensure_datalist(root, tmp_path / "dl.json", num_val=1, num_test=1, labeled_counts=(1,)))
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o644
+
+
 def test_datalist_outside_dataset_folder_uses_absolute_paths(tmp_path: Path) -> None:
     root = write_folder(tmp_path / "ds", n_cases=4)
     out = tmp_path / "elsewhere" / "dl.json"

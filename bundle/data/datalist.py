@@ -207,6 +207,9 @@ def write_datalist(datalist: Mapping[str, Any], path: str | Path) -> Path:
             out[key].append({**e, **rel})
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would hide the datalist from the other users of a bundle
         with os.fdopen(fd, "w") as f:
             json.dump(out, f, indent=4)
             f.write("\n")
