@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from bundle.data.checks import DataCheckError, check_entries
 from bundle.data.sources import nifti_stem
 from bundle.metrics import scan_metrics, summarize
 
@@ -36,7 +37,10 @@ __all__ = [
     "SegmentationMetricsSaver",
     "class_names_from_datalist",
     "common_folder",
+    "check_inputs",
+    "fail_on_bad_inputs",
     "list_images",
+    "report_bad_inputs",
     "require_images",
     "require_file",
     "write_metrics",
@@ -98,6 +102,52 @@ def require_images(files: Sequence[str], folder: str | os.PathLike, pattern: str
     """Raise :func:`list_images`' error for ``folder`` when there is nothing to segment (``files`` empty)."""
     if not files:
         list_images(folder, pattern)
+
+
+def check_inputs(files: Sequence[str], channel: int | None = None) -> dict[str, Any]:
+    """Check each image to segment on its own, with the checks training applies (readable, 3D, finite values and
+    affine, plausible spacing, not constant): ``{"good": [paths], "bad": {path: "problem; problem"}}``, so one bad
+    file never stops the good ones."""
+    good: list[str] = []
+    bad: dict[str, str] = {}
+    for f in files:
+        try:
+            check_entries([{"image": f}], num_classes=None, require_label=False, channel=channel, name="inputs")
+        except DataCheckError as error:
+            bad[str(f)] = "; ".join(p.removeprefix(f"{f}: ") for p in error.problems)
+        else:
+            good.append(str(f))
+    return {"good": good, "bad": bad}
+
+
+def _bad_lines(inputs: Mapping[str, Any]) -> list[str]:
+    return [f"{path}: {problem}" for path, problem in inputs["bad"].items()]
+
+
+def report_bad_inputs(inputs: Mapping[str, Any]) -> None:
+    """Before any work: name every bad input (a warning; the good ones are segmented), or stop when none is good.
+
+    Raises:
+        DataCheckError: when no input can be segmented.
+    """
+    if not inputs["good"]:
+        raise DataCheckError(_bad_lines(inputs), header="no input image can be segmented")
+    if inputs["bad"]:
+        lines = "\n".join(_bad_lines(inputs))
+        logger.warning(f"{len(inputs['bad'])} of {len(inputs['bad']) + len(inputs['good'])} inputs will not be "
+                       f"segmented:\n{lines}")
+
+
+def fail_on_bad_inputs(inputs: Mapping[str, Any]) -> None:
+    """After the good inputs were segmented: fail (non-zero exit of ``monai.bundle run``) when any input was bad.
+
+    Raises:
+        DataCheckError: naming every input that was not segmented and why.
+    """
+    if inputs["bad"]:
+        n = len(inputs["bad"]) + len(inputs["good"])
+        raise DataCheckError(_bad_lines(inputs), header=f"{len(inputs['bad'])} of {n} inputs were not segmented "
+                             f"({len(inputs['good'])} written)")
 
 
 def common_folder(files: Sequence[str]) -> str:

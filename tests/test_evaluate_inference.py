@@ -191,6 +191,53 @@ def test_inference_keeps_equal_names_in_different_folders_apart(
         assert nib.load(out / sub / "scan_seg.nii.gz").shape == nib.load(inputs / sub / "scan.nii.gz").shape
 
 
+def test_inference_segments_every_good_file_and_then_fails_naming_the_bad_ones(
+    bundle_workflow, tiny_overrides, tiny_acdc: Path, tmp_path: Path
+) -> None:
+    import logging
+
+    from bundle.data.checks import DataCheckError
+
+    _random_model(tmp_path / "models" / "model.pt")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    src = tiny_acdc / "patient001" / "patient001_frame01.nii.gz"
+    img = nib.load(src)
+    data = np.asanyarray(img.dataobj).astype(np.float32)
+    (inputs / "a_good.nii.gz").write_bytes(src.read_bytes())
+    (inputs / "b_corrupt.nii.gz").write_bytes(b"not a nifti file")
+    nan = data.copy()
+    nan[0, 0, 0] = np.nan
+    nib.save(nib.Nifti1Image(nan, img.affine), inputs / "c_nan.nii.gz")
+    nib.save(nib.Nifti1Image(data[:, :, 0], img.affine), inputs / "d_2d.nii.gz")
+    (inputs / "e_good.nii.gz").write_bytes(src.read_bytes())  # after the bad ones: still segmented
+    out = tmp_path / "out"
+    wf = bundle_workflow(["inference"], workflow_type="infer", **tiny_overrides, bundle_root=str(tmp_path),
+                         dataset_dir=str(inputs), output_dir=str(out))
+    warnings: list[str] = []  # a handler on the logger itself: the bundle's logging.conf replaces the root's
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("bundle.evaluation").addHandler(handler)
+    try:
+        wf.initialize()
+    finally:
+        logging.getLogger("bundle.evaluation").removeHandler(handler)
+    (warning,) = warnings
+    assert "3 of 5 inputs will not be segmented" in warning
+    assert all(name in warning for name in ("b_corrupt.nii.gz", "c_nan.nii.gz", "d_2d.nii.gz"))
+    wf.run()
+    assert sorted(p.name for p in out.iterdir()) == ["a_good_seg.nii.gz", "e_good_seg.nii.gz"]
+    with pytest.raises(Exception) as caught:
+        wf.finalize()
+    error = _cause(caught.value)
+    assert isinstance(error, DataCheckError)
+    message = str(error)
+    assert "3 of 5 inputs were not segmented (2 written)" in message
+    assert f"{inputs / 'b_corrupt.nii.gz'}: unreadable or corrupt" in message
+    assert f"{inputs / 'c_nan.nii.gz'}: 1 NaN/Inf voxels" in message
+    assert f"{inputs / 'd_2d.nii.gz'}: 2D image" in message
+
+
 def test_inference_on_a_missing_folder_stops_at_initialize_naming_it(
     bundle_workflow, tiny_overrides, tmp_path: Path
 ) -> None:
