@@ -274,3 +274,27 @@ def test_gradients_match_finite_differences(symmetric: bool) -> None:
     assert torch.autograd.gradcheck(lambda a, b: loss(a, b), (p_hat, p_tilde), fast_mode=True)
     imsat = IMSATLoss(weight=0.7, reduction="none")
     assert torch.autograd.gradcheck(lambda a: imsat(a, mask), (p_hat,))
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (lambda p: p.index_put_((torch.tensor([0]),), torch.tensor(float("nan"))), "NaN/Inf"),
+        (lambda p: p.mul_(3.0), "in \\[0, 1\\]"),
+        (lambda p: p.mul_(0.5), "sum to 1 over the K clusters"),
+    ],
+)
+def test_probability_values_checked_in_debug_mode_only(corrupt, message) -> None:
+    from bundle.losses import BoundaryCrossCorrelationLoss
+
+    good = torch.rand(2, 5, 8, 8, generator=torch.Generator().manual_seed(0)).softmax(1)
+    bad = good.clone()
+    corrupt(bad.view(-1))
+    image = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    ClusterMutualInformationLoss()(bad, good)  # no value check by default: no full pass over the tensors
+    with torch.autograd.set_detect_anomaly(True):
+        ClusterMutualInformationLoss()(good, good)  # valid probabilities pass
+        with pytest.raises(ValueError, match=f"p_tilde.*{message}|p_tilde holds"):
+            ClusterMutualInformationLoss()(good, bad)
+        with pytest.raises(ValueError, match=message):
+            BoundaryCrossCorrelationLoss()(bad, image)

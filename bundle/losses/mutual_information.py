@@ -59,6 +59,9 @@ class ClusterMutualInformationLoss(_Loss):
       stay distinct.  ``symmetric=True`` uses ``(P + P^T) / 2`` as IIC and the authors' code do; both
       marginals then equal the average marginal, so the marginal term becomes 2 H(average marginal).
     - A head whose pixels are all masked out has no joint; its loss is defined as 0 (zero gradient).
+    - Inputs are checked for shape and dtype on every call; their values (finite, in [0, 1], summing to 1 over K)
+      only under PyTorch's debug mode, ``torch.autograd.set_detect_anomaly(True)`` (a full pass over the tensor),
+      as for every dense loss of this package.
 
     Args:
         alpha: mixing weight of the diagonal pseudo-joint in eq. (6), in [0, 1]. Defaults to 0.5 (the paper).
@@ -366,8 +369,27 @@ def _as_heads(probs: torch.Tensor, name: str) -> tuple[torch.Tensor, bool]:
         raise ValueError(f"{name} needs K >= 2 clusters (dim -3), got shape {tuple(probs.shape)}.")
     if probs.numel() == 0:
         raise ValueError(f"{name} is empty, got shape {tuple(probs.shape)}.")
+    if torch.is_anomaly_enabled():  # PyTorch's debug mode: also check the values (a full pass over the tensor)
+        _check_probability_values(probs, name)
     single = probs.ndim == 4
     return (probs.unsqueeze(0) if single else probs), single
+
+
+def _check_probability_values(probs: torch.Tensor, name: str) -> None:
+    """Raise when ``probs`` holds NaN/Inf, values outside [0, 1], or pixels whose K values do not sum to 1."""
+    with torch.no_grad():
+        x = probs.detach().float()
+        bad = int((~torch.isfinite(x)).sum())
+        if bad:
+            raise ValueError(f"{name} holds {bad} NaN/Inf values (shape {tuple(probs.shape)}).")
+        low, high = float(x.min()), float(x.max())
+        if low < -1e-6 or high > 1 + 1e-6:
+            raise ValueError(f"{name} must hold probabilities in [0, 1], got values in [{low:.4g}, {high:.4g}].")
+        tol = 1e-2 if probs.dtype in (torch.float16, torch.bfloat16) else 1e-4
+        worst = float((x.sum(dim=-3) - 1).abs().max())
+        if worst > tol:
+            raise ValueError(f"{name} must sum to 1 over the K clusters (dim -3) at every pixel; the largest "
+                             f"deviation is {worst:.4g} (softmax missing?).")
 
 
 def _check_mask(mask: torch.Tensor | None, heads: torch.Tensor, name: str = "mask") -> torch.Tensor | None:
