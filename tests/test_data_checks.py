@@ -53,6 +53,22 @@ def test_missing_file(tmp_path: Path) -> None:
     assert _problems([e2])[0] == f"{e2['image']}: missing image file (no such file)"
 
 
+def test_symlink_loop_directory_and_unreadable_file_are_named_as_such(tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    e = _pair(tmp_path)
+    loop = tmp_path / "loop.nii.gz"
+    loop.symlink_to(loop)
+    assert _problems([{**e, "image": str(loop)}])[0] == (
+        f"{loop}: image file is a broken or looping symbolic link (-> {loop})")
+    folder = tmp_path / "folder.nii.gz"
+    folder.mkdir()
+    assert _problems([{**e, "image": str(folder)}])[0] == f"{folder}: image file is a directory, not a file"
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == e["label"] else real_access(p, mode))
+    assert _problems([e]) == [f"{e['label']}: label file is not readable (permission denied)"]  # root reads all
+
+
 def test_corrupt_gzip_and_truncated_file(tmp_path: Path) -> None:
     e = _pair(tmp_path, "a")
     Path(e["image"]).write_bytes(b"this is not a nifti file at all")

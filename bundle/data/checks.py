@@ -8,7 +8,8 @@ Catalogue of problems reported (each has a test in ``tests/test_data_checks.py``
 
 - an empty list of entries (empty datalist or split);
 - an entry without an ``"image"`` (or, when labels are required, ``"label"``) key; duplicated scan ids;
-- a missing file; an unreadable or corrupt NIfTI file (header or voxel data cannot be decoded);
+- a missing file, a broken or looping symbolic link, a directory, a file without read permission; a corrupt NIfTI
+  file (header or voxel data cannot be decoded);
 - a 2D image (or a 3D image with a single slice) where a 3D volume is expected; a multi-channel (4D) image without a
   chosen channel, or a channel index that the image does not have;
 - a non-finite affine; a zero or implausible voxel spacing (outside 0.01–100 mm; outside 0.1–20 mm only a warning);
@@ -24,6 +25,7 @@ PROMISE12 files; the pre-processing keeps that axis last (see :mod:`bundle.data.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -72,7 +74,15 @@ def check_file_exists(path: str | Path | None, problems: list[str], what: str = 
         return False
     p = Path(path)
     if not p.is_file():
-        problems.append(f"{p}: missing {what} (no such file)")
+        if p.is_symlink() and not p.exists():
+            problems.append(f"{p}: {what} is a broken or looping symbolic link (-> {os.readlink(p)})")
+        elif p.is_dir():
+            problems.append(f"{p}: {what} is a directory, not a file")
+        else:
+            problems.append(f"{p}: missing {what} (no such file)")
+        return False
+    if not os.access(p, os.R_OK):
+        problems.append(f"{p}: {what} is not readable (permission denied)")
         return False
     return True
 
