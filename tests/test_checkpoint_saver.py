@@ -86,3 +86,14 @@ def test_atomic_saver_writes_every_new_best_and_keeps_one_file(tmp_path: Path) -
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
     _run(AtomicCheckpointSaver, tmp_path, net, scores=[0.2, 0.6, 0.4], weights=[1.0, 2.0, 3.0])
     assert torch.load(tmp_path / "model.pt")["weight"].item() == 2.0  # a new run's best replaces the file
+
+
+def test_temporary_files_of_killed_writers_are_removed(tmp_path: Path) -> None:
+    from bundle.handlers.checkpoint import atomic_save
+
+    dead = tmp_path / ".model.pt.tmp-999999999"  # no such process
+    dead.write_bytes(b"left by kill -9")
+    other = tmp_path / ".other.pt.tmp-999999999"  # another file's: not ours to remove
+    other.write_bytes(b"")
+    atomic_save({"x": torch.ones(1)}, tmp_path / "model.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.pt.tmp-999999999", "model.pt"]
