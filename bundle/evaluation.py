@@ -41,7 +41,7 @@ __all__ = [
     "fail_on_bad_inputs",
     "list_images",
     "report_bad_inputs",
-    "require_images",
+    "require_inputs",
     "require_file",
     "write_metrics",
 ]
@@ -78,7 +78,7 @@ def list_images(
 
     Args:
         missing_ok: return ``[]`` for a missing folder or no match instead of raising (for configs parsed by
-            other tools, e.g. MONAI Label, where the folder is not used; :func:`require_images` raises later).
+            other tools, e.g. MONAI Label, where the folder is not used; :func:`require_inputs` raises later).
 
     Raises:
         FileNotFoundError: when ``folder`` is not a directory or no image matches (unless ``missing_ok``).
@@ -96,12 +96,6 @@ def list_images(
         excluded = ", ".join(f"*{s}" for s in exclude_suffixes)
         raise FileNotFoundError(f"{root}: no NIfTI image matches {pattern!r} (excluding {excluded}).")
     return files
-
-
-def require_images(files: Sequence[str], folder: str | os.PathLike, pattern: str = "*.nii*") -> None:
-    """Raise :func:`list_images`' error for ``folder`` when there is nothing to segment (``files`` empty)."""
-    if not files:
-        list_images(folder, pattern)
 
 
 def check_inputs(files: Sequence[str], channel: int | None = None) -> dict[str, Any]:
@@ -125,17 +119,25 @@ def _bad_lines(inputs: Mapping[str, Any]) -> list[str]:
 
 
 def report_bad_inputs(inputs: Mapping[str, Any]) -> None:
-    """Before any work: name every bad input (a warning; the good ones are segmented), or stop when none is good.
-
-    Raises:
-        DataCheckError: when no input can be segmented.
-    """
-    if not inputs["good"]:
-        raise DataCheckError(_bad_lines(inputs), header="no input image can be segmented")
+    """Before any work: name every bad input (a warning; the good ones are segmented)."""
     if inputs["bad"]:
         lines = "\n".join(_bad_lines(inputs))
         logger.warning(f"{len(inputs['bad'])} of {len(inputs['bad']) + len(inputs['good'])} inputs will not be "
                        f"segmented:\n{lines}")
+
+
+def require_inputs(inputs: Mapping[str, Any], folder: str | os.PathLike, pattern: str = "*.nii*") -> None:
+    """At the start of the run: stop when there is nothing to segment (an empty input list is not an error
+    earlier, so that tools can initialise the workflow without inputs, e.g. the model zoo's property checks).
+
+    Raises:
+        FileNotFoundError: no input at all (:func:`list_images`' message for ``folder``).
+        DataCheckError: inputs given but none can be segmented, naming each and its problem.
+    """
+    if not inputs["good"] and not inputs["bad"]:
+        list_images(folder, pattern)
+    if not inputs["good"]:
+        raise DataCheckError(_bad_lines(inputs), header="no input image can be segmented")
 
 
 def fail_on_bad_inputs(inputs: Mapping[str, Any]) -> None:

@@ -238,15 +238,19 @@ def test_inference_segments_every_good_file_and_then_fails_naming_the_bad_ones(
     assert f"{inputs / 'd_2d.nii.gz'}: 2D image" in message
 
 
-def test_inference_on_a_missing_folder_stops_at_initialize_naming_it(
+def test_inference_without_inputs_initialises_and_stops_at_run_naming_the_folder(
     bundle_workflow, tiny_overrides, tmp_path: Path
 ) -> None:
+    """The model zoo checks the workflow's properties with default arguments (no input folder): initialise must
+    work; running must stop before any work, naming the folder."""
     _random_model(tmp_path / "models" / "model.pt")
     out = tmp_path / "out"
     wf = bundle_workflow(["inference"], workflow_type="infer", **tiny_overrides, bundle_root=str(tmp_path),
                          dataset_dir=str(tmp_path / "absent"), output_dir=str(out))
+    wf.initialize()
+    assert wf.check_properties() == []
     with pytest.raises(Exception) as caught:
-        wf.initialize()
+        wf.run()
     error = _cause(caught.value)
     assert isinstance(error, FileNotFoundError) and str(tmp_path / "absent") in str(error)
     assert not out.exists()
