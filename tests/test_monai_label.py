@@ -110,7 +110,11 @@ def test_monai_label_inference_call(tiny_acdc: Path, tmp_path: Path) -> None:
             if not isinstance(t, SaveImaged)]
 
     path = tiny_acdc / "patient004" / "patient004_frame01.nii.gz"
-    data = pre({"image": str(path)})
+    # what MONAI Label's BasicInferTask hands the pre-processing: the request (with the image path) plus image_path
+    request = {"model": "segmentation", "image": str(path), "device": torch.device("cpu"), "client_id": None,
+               "result_extension": ".nii.gz", "result_dtype": "uint8", "result_compress": False}
+    data = pre({**request, "image_path": str(path)})
+    assert data["image_path"] == str(path)  # left for MONAI Label's writer
     image = data["image"]
     assert image.shape[:3] == (1, 64, 64)
     with torch.no_grad():

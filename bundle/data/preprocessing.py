@@ -49,6 +49,7 @@ from monai.transforms.spatial.functional import orientation
 from monai.utils import convert_data_type
 
 __all__ = [
+    "KeySafeSpacingd",
     "SelectChanneld",
     "SliceLastOrientation",
     "SliceLastOrientationd",
@@ -206,7 +207,7 @@ def volume_transforms(
         EnsureChannelFirstd(keys=keys, allow_missing_keys=amk),
         *select,
         SliceLastOrientationd(keys=keys, allow_missing_keys=amk),
-        Spacingd(
+        KeySafeSpacingd(
             keys=keys,
             pixdim=(float(pixdim[0]), float(pixdim[1]), -1.0),  # non-positive: keep the slice spacing
             mode=modes,
@@ -221,6 +222,24 @@ def volume_transforms(
             keys=keys, spatial_size=(int(spatial_size[0]), int(spatial_size[1]), -1), allow_missing_keys=amk
         ),
     ]
+
+
+class KeySafeSpacingd(Spacingd):
+    """:class:`monai.transforms.Spacingd` that leaves alone the items named ``<key>_*`` that are not meta dicts.
+
+    After resampling, MONAI 1.6's ``Spacingd`` updates *every* item whose name starts with ``<key>_`` as if it were
+    a meta dict; MONAI Label puts the input's path as the string ``image_path`` into the data, and the update fails
+    (``'str' object has no attribute 'update'``). Such items are set aside during the call and put back unchanged.
+    Same arguments, same result and the same inverse as ``Spacingd``.
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any], lazy: bool | None = None) -> dict[Hashable, Any]:
+        prefixes = tuple(f"{key}_" for key in self.keys)
+        aside = {k: v for k, v in data.items() if isinstance(k, str) and k.startswith(prefixes)
+                 and not isinstance(v, Mapping)}
+        out = super().__call__({k: v for k, v in data.items() if k not in aside}, lazy=lazy)
+        out.update(aside)
+        return out
 
 
 def preprocess_volume(entry: Mapping[str, Any], **kwargs: Any) -> dict[str, Any]:
