@@ -29,6 +29,7 @@ from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
+from monai.handlers import CheckpointLoader
 from monai.losses import DiceCELoss
 from monai.networks.utils import copy_model_state
 from monai.utils import CommonKeys as Keys
@@ -43,6 +44,7 @@ __all__ = [
     "FreezeEncoder",
     "MeanTeacherTrainer",
     "batch_statistics_only",
+    "checkpoint_loader_path",
     "load_pretrained",
     "mean_teacher_seed",
     "segmentation_loss",
@@ -79,11 +81,28 @@ def _state_dict_of(obj: Any, path: Path) -> Mapping[str, torch.Tensor]:
     return obj
 
 
+def _start_from(warm_start: str | None) -> str:
+    if warm_start is None:
+        return "training from scratch (no pre-trained weights loaded)."
+    return f"the network starts from {warm_start}, which a CheckpointLoader loads when training starts (warm start)."
+
+
+def checkpoint_loader_path(handlers: Sequence[Any] | None) -> str | None:
+    """The file a :class:`monai.handlers.CheckpointLoader` among ``handlers`` will load when training starts (MONAI
+    Label inserts one for its warm start from ``models/model.pt``), if it exists; else ``None``."""
+    for handler in handlers or []:
+        path = getattr(handler, "load_path", None) if isinstance(handler, CheckpointLoader) else None
+        if path is not None and Path(path).is_file():
+            return str(path)
+    return None
+
+
 def load_pretrained(
     network: nn.Module,
     path: str | os.PathLike | None,
     required: bool = False,
     exclude_vars: str | None = None,
+    warm_start: str | None = None,
 ) -> dict[str, Any]:
     """Copy pre-trained weights into ``network`` wherever a tensor of the same name and shape exists.
 
@@ -98,6 +117,8 @@ def load_pretrained(
             ``"none"`` or ``"null"`` mean "train from scratch".
         required: raise instead of training from scratch when ``path`` is empty or the file does not exist.
         exclude_vars: regular expression of network tensor names never to load (e.g. ``"final_conv"``).
+        warm_start: the file a training handler will load instead (see :func:`checkpoint_loader_path`), named in
+            the message when there are no pre-trained weights.
 
     Returns:
         ``{"path": str | None, "loaded": [names], "skipped": [network tensors not loaded], "unused": [file tensors
@@ -116,13 +137,13 @@ def load_pretrained(
     if path is None or str(path).strip().lower() in NO_PATH:
         if required:
             raise ValueError("pre-trained weights are required (pretrained_required=true) but pretrained_path is empty")
-        logger.warning("pretrained_path is empty: training from scratch (no pre-trained weights loaded).")
+        logger.warning(f"pretrained_path is empty: {_start_from(warm_start)}")
         return {"path": None, "loaded": [], "skipped": names, "unused": []}
     file = Path(path).expanduser()
     if not file.is_file():
         if required:
             raise FileNotFoundError(f"{file}: pre-trained weights not found (pretrained_required=true).")
-        logger.warning(f"{file}: no pre-trained weights there: training from scratch.")
+        logger.warning(f"{file}: no pre-trained weights there: {_start_from(warm_start)}")
         return {"path": None, "loaded": [], "skipped": names, "unused": []}
     source = _state_dict_of(torch.load(file, map_location="cpu", weights_only=True), file)
     _, loaded, skipped = copy_model_state(network, source, exclude_vars=exclude_vars, inplace=True)

@@ -13,6 +13,7 @@ the whole 3D volume, then runs the post-processing without ``SaveImaged``.
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -78,8 +79,18 @@ def test_monai_label_training_call(tiny_acdc: Path, tmp_path: Path) -> None:
         "features": list(TINY), "pixdim": [3.0, 3.0], "spatial_size": [64, 64], "crop_size": [32, 32],
         "iterations": 2, "batch_size": 2, "num_workers": 0, "warmup_epochs": 0, "lr": 1e-5,
     }
-    monai.bundle.run(run_id="run", init_id=None, final_id=None, meta_file=str(root / "configs" / "metadata.json"),
-                     config_file=str(root / "configs" / "train.json"), **overrides)
+    messages: list[str] = []  # on the logger itself: the bundle's logging.conf replaces the root's handlers
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("bundle.finetune").addHandler(handler)
+    try:
+        monai.bundle.run(run_id="run", init_id=None, final_id=None, meta_file=str(root / "configs" / "metadata.json"),
+                         config_file=str(root / "configs" / "train.json"), **overrides)
+    finally:
+        logging.getLogger("bundle.finetune").removeHandler(handler)
+    # no pre-trained weights in the bundle: the log says the run starts from MONAI Label's model.pt, not "scratch"
+    (said,) = [m for m in messages if "no pre-trained weights there" in m]
+    assert f"the network starts from {root / 'models' / 'model.pt'}" in said and "scratch" not in said
 
     assert not (root / "data").exists() and not (root / "runs" / "datalist.json").exists()  # its data only
     trained = torch.load(root / "models" / "model.pt", weights_only=True)  # rewritten by the best-metric saver
