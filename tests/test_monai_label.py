@@ -20,6 +20,7 @@ from typing import Any
 
 import monai.bundle
 import nibabel as nib
+import pytest
 import torch
 from monai.bundle import ConfigParser
 from monai.transforms import SaveImaged
@@ -137,3 +138,13 @@ def test_monai_label_inference_call(tiny_acdc: Path, tmp_path: Path) -> None:
     assert tuple(data["pred"].shape) == (1, *nib.load(path).shape)  # back on the input's grid
     labels = parser.get_parsed_content("_meta_#network_data_format#outputs#pred#channel_def")
     assert [labels[k] for k in sorted(labels)][1:] == ["right ventricle", "myocardium", "left ventricle"]
+
+
+@pytest.mark.parametrize("extra", [[], ["mean_teacher.json"]])
+def test_lr_schedule_follows_the_trainer_length_monai_label_sets(extra: list[str]) -> None:
+    """MONAI Label overrides ``train#trainer#max_epochs``; the cosine must end with that run, not with ``epochs``."""
+    parser = ConfigParser()
+    parser.read_config([str(REPO / "configs" / "train.json"), *(str(REPO / "configs" / f) for f in extra)])
+    parser.update({"train#trainer#max_epochs": 100, "iterations": 7, "network": "$torch.nn.Linear(1, 1)"})
+    schedule = parser.get_parsed_content("lr_scheduler")
+    assert parser.get_parsed_content("epochs") == 50 and schedule.t_total == 100 * 7
