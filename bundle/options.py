@@ -6,9 +6,40 @@ slices, ...) is reported as one ``ValueError`` listing every problem, before dat
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from typing import Any
 
-__all__ = ["check_pretrain_options", "check_finetune_options"]
+__all__ = ["check_pretrain_options", "check_finetune_options", "flag"]
+
+logger = logging.getLogger(__name__)
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _fail(message: str) -> ValueError:
+    """Log ``message`` at ERROR (the first thing a command-line user reads, above MONAI's chained tracebacks) and
+    return the ``ValueError`` to raise."""
+    logger.error(message)
+    return ValueError(message)
+
+
+def flag(value: Any, name: str) -> bool:
+    """A boolean option as the user typed it: ``True``/``False``, or the strings and numbers people write on a
+    command line (``true``/``false``, ``yes``/``no``, ``on``/``off``, ``1``/``0``, any case). The command line
+    hands ``--resume false`` over as the string ``"false"``, which Python would take as true.
+
+    Raises:
+        ValueError: for anything else, naming the option and the accepted values.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise _fail(f"{name} must be a boolean: true/false, yes/no, on/off or 1/0 (any case); got {value!r}")
 
 
 def _pair(value: Sequence[int] | int, name: str, problems: list[str]) -> tuple[int, ...] | None:
@@ -75,7 +106,7 @@ def check_pretrain_options(
     if isinstance(warmup_epochs, int) and isinstance(epochs, int) and not 0 <= warmup_epochs <= epochs:
         problems.append(f"warmup_epochs must lie in [0, epochs={epochs}], got {warmup_epochs!r}")
     if problems:
-        raise ValueError("invalid pre-training options:\n  - " + "\n  - ".join(problems))
+        raise _fail("invalid pre-training options:\n  - " + "\n  - ".join(problems))
 
 
 def check_finetune_options(
@@ -104,4 +135,4 @@ def check_finetune_options(
         if not isinstance(v, int) or v < 1:
             problems.append(f"{name} must be a positive integer, got {v!r}")
     if problems:
-        raise ValueError("invalid fine-tuning options:\n  - " + "\n  - ".join(problems))
+        raise _fail("invalid fine-tuning options:\n  - " + "\n  - ".join(problems))

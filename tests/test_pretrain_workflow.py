@@ -154,3 +154,25 @@ def test_a_file_corrupted_after_the_datalist_was_built_is_named_before_training(
     error = _root_cause(caught.value)
     assert isinstance(error, DataCheckError) and f"{victim}: unreadable or corrupt" in str(error)
     assert not Path(over["pretrained_path"]).exists()
+
+
+@pytest.mark.parametrize(("typed", "expected"), [("false", False), ("False", False), ("0", False), ("no", False),
+                                                 ("OFF", False), ("true", True), ("yes", True), (1, True)])
+def test_boolean_options_accept_what_users_type(typed, expected):
+    from bundle.options import flag
+
+    assert flag(typed, "resume") is expected
+
+
+def test_a_false_typed_on_the_command_line_is_false_and_a_bad_value_is_named(bundle_workflow, pretrain_overrides):
+    """``--resume false`` reaches the config as the string "false"; the checkpoint handler must see False."""
+    wf = bundle_workflow(["pretrain"], **{**pretrain_overrides, "resume": "false", "show_progress": "no"})
+    wf.initialize()
+    handlers = wf.parser.get_parsed_content("train#handlers")
+    (state,) = [h for h in handlers if hasattr(h, "resume")]
+    assert state.resume is False
+    bad = bundle_workflow(["pretrain"], **{**pretrain_overrides, "resume": "maybe"})
+    with pytest.raises(Exception) as info:
+        bad.initialize()  # rejected before anything is built
+    message = str(_root_cause(info.value))
+    assert "resume must be a boolean" in message and "'maybe'" in message
