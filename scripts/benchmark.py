@@ -21,6 +21,7 @@ fp32, as in training.
 
 from __future__ import annotations
 
+import functools
 import json
 import resource
 import statistics
@@ -35,6 +36,7 @@ from bundle.engines import transform_seed
 from bundle.losses import PretrainingObjective
 from bundle.networks import PAPER_FEATURES, DenseClusterHead, FeatureUNet, GlobalProjectionHead
 from bundle.transforms import EquivariantTransform
+from scripts import benchmark_loader
 
 
 def _sync(device: torch.device) -> None:
@@ -74,7 +76,23 @@ def step(
     seed: int = 0,
     json_out: str | None = None,
 ) -> str:
-    """Time the U-Net step and the method's overhead (T + heads + losses) at the given scale; print the ratio."""
+    """Time the U-Net step and the method's overhead (T + heads + losses) at the given scale; print the ratio.
+
+    Args:
+        batch: slices per view (the paper: 18 = 6 scans x 3 partitions).
+        size: square crop size in pixels.
+        features: the U-Net's six widths.
+        num_clusters: clusters K of each dense head.
+        num_heads: dense heads.
+        variant: objective variant (``ours``, ``iic``, ...; see ``bundle.losses.VARIANTS``).
+        repeats: timed rounds (each round times every part once); medians are reported.
+        warmup: untimed rounds first.
+        threads: torch CPU threads.
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        amp: fp16 autocast for the network on CUDA.
+        seed: seed of the random inputs and weights.
+        json_out: also write the result as JSON to this file.
+    """
     torch.set_num_threads(int(threads))
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     use_amp = bool(amp) and dev.type == "cuda"
@@ -235,11 +253,9 @@ def step(
     return json.dumps(result, indent=2)
 
 
-def loader(**kwargs: Any) -> Any:
-    """Pre-training loader throughput; arguments as ``python -m scripts.benchmark_loader run``."""
-    from scripts.benchmark_loader import benchmark
-
-    return benchmark(**kwargs)
+@functools.wraps(benchmark_loader.benchmark)  # the command line shows the loader benchmark's flags
+def loader(*args: Any, **kwargs: Any) -> Any:
+    return benchmark_loader.benchmark(*args, **kwargs)
 
 
 if __name__ == "__main__":

@@ -72,7 +72,23 @@ def main(
     scratch_lr: float = 1e-3,
     seed: int = 0,
 ) -> None:
-    """Run the quick pre-train -> fine-tune -> evaluate pipeline with and without pre-training; print both Dice."""
+    """Run the quick pre-train -> fine-tune -> evaluate pipeline with and without pre-training; print both Dice.
+
+    Args:
+        bundle_root: folder of this demo's runs, datalist and weights (relative paths are from the repository).
+        dataset_dir: a dataset folder or datalist JSON; default: the embedded synthetic ACDC data (generated).
+        num_classes: label classes, background included (4 for ACDC, 3 for prostate zones).
+        num_partitions: slice-position partitions of L_con (3 for ACDC, 8 for prostate).
+        num_labeled: labeled scans for fine-tuning.
+        labeled_seed: which recorded labeled subset to use.
+        pretrain_epochs: pre-training epochs.
+        pretrain_iterations: iterations per pre-training epoch.
+        finetune_epochs: fine-tuning epochs (both arms).
+        finetune_iterations: iterations per fine-tuning epoch (both arms).
+        finetune_lr: fine-tuning lr of the arm with pre-training.
+        scratch_lr: fine-tuning lr of the arm from scratch.
+        seed: seed of every run.
+    """
     root = (REPO / bundle_root).resolve() if not Path(bundle_root).is_absolute() else Path(bundle_root)
     root.mkdir(parents=True, exist_ok=True)
     log = root / "demo.log"

@@ -54,7 +54,15 @@ def _score(objective: PretrainingObjective, inputs: dict[str, torch.Tensor], dev
 
 
 def losses(batch: int = 6, num_clusters: int = 40, num_heads: int = 3, size: int = 96, seed: int = 0) -> str:
-    """Compare the objective's values and gradients on CPU and CUDA (fp32, then fp16 inputs under autocast)."""
+    """Compare the objective's values and gradients on CPU and CUDA (fp32, then fp16 inputs under autocast).
+
+    Args:
+        batch: slices per view.
+        num_clusters: clusters K of each dense head.
+        num_heads: dense heads.
+        size: square image size in pixels.
+        seed: seed of the random inputs.
+    """
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device")
     objective = PretrainingObjective.from_variant("ours")

@@ -24,7 +24,15 @@ def main(
     overwrite: bool = False,
     num_workers: int | None = None,
 ) -> None:
-    """Generate ``num_patients`` synthetic patients with ``seed`` into ``output`` and print where and how long."""
+    """Generate ``num_patients`` synthetic patients with ``seed`` into ``output`` and print where and how long.
+
+    Args:
+        output: folder to write (ACDC layout: ``patientNNN/`` with ED/ES frames, labels and ``Info.cfg``).
+        num_patients: number of patients (two scans each).
+        seed: seed of the dataset (each patient is a pure function of it and its index).
+        overwrite: replace an existing, different dataset in ``output``.
+        num_workers: processes used to write the patients (default: the CPU count).
+    """
     start = time.perf_counter()
     path = generate_synthetic_acdc(output, num_patients=num_patients, seed=seed, overwrite=overwrite,
                                    num_workers=num_workers)

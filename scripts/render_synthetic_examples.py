@@ -73,7 +73,14 @@ def render(patients: Sequence[int], seed: int = 0, tile: int = 136) -> Image.Ima
 
 def main(output: str = "docs/synthetic_examples.png", patients: Sequence[int] = (1, 2, 3, 5), seed: int = 0,
          tile: int = 136) -> None:
-    """Write the example figure to ``output`` (PNG)."""
+    """Write the example figure to ``output`` (PNG).
+
+    Args:
+        output: PNG file to write.
+        patients: synthetic patient indices shown, one row each.
+        seed: seed of the synthetic dataset.
+        tile: size in pixels of each picture.
+    """
     path = Path(output)
     path.parent.mkdir(parents=True, exist_ok=True)
     render(patients, seed, tile).save(path, optimize=True)
