@@ -159,3 +159,10 @@ def test_every_third_party_package_the_bundle_imports_is_in_the_metadata(metadat
     third_party = {_DISTRIBUTIONS.get(m, m) for m in imported if m not in sys.stdlib_module_names and m != "bundle"}
     listed = {k.lower() for k in metadata["required_packages_version"]}
     assert third_party - _OWN_FIELDS - listed == set()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.json")), ids=lambda p: p.name)
+def test_configs_are_in_the_model_zoo_json_format(path: Path) -> None:
+    """4-space indent, one item a line: the zoo's formatter leaves the files as they are."""
+    text = path.read_text(encoding="utf-8")
+    assert text == json.dumps(json.loads(text), indent=4) + "\n"
