@@ -54,7 +54,6 @@ __all__ = [
     "SliceLastOrientation",
     "SliceLastOrientationd",
     "make_volume_dataset",
-    "preprocess_volume",
     "slice_last_ornt",
     "volume_transforms",
 ]
@@ -240,12 +239,6 @@ class KeySafeSpacingd(Spacingd):
         out = super().__call__({k: v for k, v in data.items() if k not in aside}, lazy=lazy)
         out.update(aside)
         return out
-
-
-def preprocess_volume(entry: Mapping[str, Any], **kwargs: Any) -> dict[str, Any]:
-    """Apply :func:`volume_transforms` to one entry (``keys`` default to the image/label keys present)."""
-    keys = kwargs.pop("keys", tuple(k for k in ("image", "label") if k in entry))
-    return Compose(volume_transforms(keys=keys, **kwargs))(dict(entry))
 
 
 def make_volume_dataset(

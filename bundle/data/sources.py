@@ -514,11 +514,3 @@ def find_scans(
         path = Path(root)
         return find_datalist(path / "datalist.json" if path.is_dir() else path)
     raise ValueError(f"Unsupported source kind: {kind!r}; expected one of {SOURCE_KINDS} or 'auto'.")
-
-
-def entries_by_patient(entries: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
-    """Group entries by ``"patient_id"`` (falling back to ``"scan_id"``), keys sorted."""
-    groups: dict[str, list[Mapping[str, Any]]] = {}
-    for e in entries:
-        groups.setdefault(str(e.get("patient_id", e["scan_id"])), []).append(e)
-    return dict(sorted(groups.items()))
