@@ -116,6 +116,14 @@ def test_variant_overrides_and_unknown_names() -> None:
         PretrainingObjective.from_variant("ours", lamda=1.0)
 
 
+def test_a_value_the_variant_would_replace_is_rejected() -> None:
+    assert PretrainingObjective.from_variant("iic", alpha=0.5).mi.alpha == 0.0  # the default every config passes
+    assert PretrainingObjective.from_variant("iic", alpha=0.0).mi.alpha == 0.0
+    with pytest.raises(ValueError, match="variant 'iic' fixes alpha = 0.0; got alpha = 0.3"):
+        PretrainingObjective.from_variant("iic", alpha=0.3)
+    assert PretrainingObjective.from_variant("mi_only", alpha=0.3).mi.alpha == 0.3
+
+
 def test_missing_inputs_raise_naming_them() -> None:
     x = _inputs(4)
     with pytest.raises(ValueError, match="'con'.*z_b, meta_labels"):

@@ -135,10 +135,12 @@ class PretrainingObjective(nn.Module):
         The variant decides **which terms are on**; ``overrides`` replace any other constructor argument. A weight
         override (``cc_weight=0.1``) scales a term the variant turns on and is ignored for a term it leaves off,
         so a config can pass every weight and switch variants with one option. Options a variant fixes (``"iic"``
-        is ``"mi_only"`` with ``alpha=0``) win over overrides; use ``"mi_only"`` to vary alpha.
+        is ``"mi_only"`` with ``alpha=0``) may be passed at their default (configs pass every option) or at the
+        variant's value; any other value is an error, since the variant would silently replace it (use
+        ``"mi_only"`` to vary alpha).
 
         Raises:
-            ValueError: unknown variant name or unknown override.
+            ValueError: unknown variant name, unknown override, or a value the variant would override.
         """
         if name not in VARIANTS:
             raise ValueError(f"unknown variant {name!r}; valid variants: {', '.join(sorted(VARIANTS))}.")
@@ -147,11 +149,16 @@ class PretrainingObjective(nn.Module):
         if unknown:
             raise ValueError(f"unknown option(s) {unknown} for PretrainingObjective; valid: {sorted(valid_args)}.")
         spec = VARIANTS[name]
+        defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()}
         kwargs = dict(overrides)
         for key, value in spec.items():
             if key.endswith("_weight"):
                 kwargs[key] = 0.0 if value == 0.0 else kwargs.get(key, value)
             else:
+                given = kwargs.get(key, value)
+                if given not in (value, defaults.get(key)):
+                    raise ValueError(f"variant {name!r} fixes {key} = {value}; got {key} = {given}, which it would "
+                                     f"replace (use variant 'mi_only' to vary alpha).")
                 kwargs[key] = value
         return cls(**kwargs)
 
