@@ -57,6 +57,16 @@ def _summary_dice(path: Path) -> dict[str, float]:
     return out
 
 
+def data_overrides(dataset_dir: str | None) -> dict[str, str]:
+    """The data ids of every step: the user's dataset, or the repository's embedded synthetic data (generated on
+    first use: the configs generate only into ``synthetic_dir``, so it is named, the demo's bundle_root being
+    elsewhere)."""
+    if dataset_dir:
+        return {"dataset_dir": dataset_dir}
+    synthetic = str(REPO / "data" / "synthetic_acdc")
+    return {"dataset_dir": synthetic, "synthetic_dir": synthetic}
+
+
 def main(
     bundle_root: str = "runs/demo",
     dataset_dir: str | None = None,
@@ -92,7 +102,7 @@ def main(
     root = (REPO / bundle_root).resolve() if not Path(bundle_root).is_absolute() else Path(bundle_root)
     root.mkdir(parents=True, exist_ok=True)
     log = root / "demo.log"
-    data = {"dataset_dir": dataset_dir} if dataset_dir else {"dataset_dir": str(REPO / "data" / "synthetic_acdc")}
+    data = data_overrides(dataset_dir)
     common = {
         "bundle_root": str(root),
         **data,

@@ -110,3 +110,18 @@ def test_demo_prints_the_pretraining_health_figures(tmp_path):
     )
     text = _pretrain_health(tmp_path, log)
     assert "1.234 nat (33.5 % of log K)" in text and "RV 0.100, LV 0.500, mean 0.300" in text
+
+
+@pytest.mark.parametrize("config", ["pretrain.json", "train.json"])
+def test_demo_generates_the_embedded_data_only_by_default(tmp_path, config):
+    """The demo's bundle_root is runs/demo while the embedded data live in the repository's data/: its overrides
+    must still let the configs generate them, and never generate into a user's folder."""
+    from monai.bundle import ConfigParser
+
+    from scripts.demo import REPO, data_overrides
+
+    for dataset_dir, generate in ((None, True), (str(tmp_path / "mine"), False)):
+        parser = ConfigParser()
+        parser.read_config(REPO / "configs" / config)
+        parser.update({"bundle_root": str(tmp_path / "runs" / "demo"), **data_overrides(dataset_dir)})
+        assert parser.get_parsed_content("generate_if_missing") is generate
