@@ -129,13 +129,18 @@ def _write_flipped_copy(src: Path, dst: Path) -> None:
     nib.save(nib.Nifti1Image(data[::-1].copy(), affine), dst)
 
 
-def test_inference_writes_segmentations_with_the_input_geometry(
-    bundle_workflow, tiny_overrides, tiny_acdc: Path, tmp_path: Path
-) -> None:
+def _model_and_input_folder(tmp_path: Path, tiny_acdc: Path) -> tuple[Path, Path]:
+    """A random model in ``tmp_path/models``, an empty input folder, and a real scan to copy into it."""
     _random_model(tmp_path / "models" / "model.pt")
     inputs = tmp_path / "in"
     inputs.mkdir()
-    src = tiny_acdc / "patient001" / "patient001_frame01.nii.gz"
+    return inputs, tiny_acdc / "patient001" / "patient001_frame01.nii.gz"
+
+
+def test_inference_writes_segmentations_with_the_input_geometry(
+    bundle_workflow, tiny_overrides, tiny_acdc: Path, tmp_path: Path
+) -> None:
+    inputs, src = _model_and_input_folder(tmp_path, tiny_acdc)
     (inputs / "a.nii.gz").write_bytes(src.read_bytes())
     (inputs / "a_gt.nii.gz").write_bytes((tiny_acdc / "patient001" / "patient001_frame01_gt.nii.gz").read_bytes())
     _write_flipped_copy(src, inputs / "b.nii.gz")
@@ -198,10 +203,7 @@ def test_inference_segments_every_good_file_and_then_fails_naming_the_bad_ones(
 
     from bundle.data.checks import DataCheckError
 
-    _random_model(tmp_path / "models" / "model.pt")
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    src = tiny_acdc / "patient001" / "patient001_frame01.nii.gz"
+    inputs, src = _model_and_input_folder(tmp_path, tiny_acdc)
     img = nib.load(src)
     data = np.asanyarray(img.dataobj).astype(np.float32)
     (inputs / "a_good.nii.gz").write_bytes(src.read_bytes())
