@@ -9,6 +9,7 @@ import torch
 
 import bundle.losses.boundary as boundary
 from bundle.losses import BoundaryCrossCorrelationLoss, entropy_map, sobel_edge_map
+from bundle.losses._kernels import box_sum_
 
 
 def _random(*shape: int, seed: int) -> torch.Tensor:
@@ -300,14 +301,14 @@ def test_box_sum_counts_in_image_neighbours() -> None:
     # the window sum of ones is the number of in-image pixels in each window: 3x3 = 9 at a corner of a 5x5
     # window, 3x5 = 15 along an edge, 25 inside
     ones = torch.ones(1, 1, 7, 8)
-    sums, _ = boundary._box_sum_(ones.clone(), 5)
+    sums, _ = box_sum_(ones.clone(), 5)
     assert sums[0, 0, 0, 0] == 9 and sums[0, 0, 0, 3] == 15 and sums[0, 0, 3, 3] == 25 and sums[0, 0, 6, 7] == 9
     x = _random(2, 3, 6, 7, seed=30)
     naive = torch.zeros_like(x)
     for i in range(6):
         for j in range(7):
             naive[..., i, j] = x[..., max(i - 1, 0) : i + 2, max(j - 1, 0) : j + 2].sum(dim=(-2, -1))
-    torch.testing.assert_close(boundary._box_sum_(x.clone(), 3)[0], naive)
+    torch.testing.assert_close(box_sum_(x.clone(), 3)[0], naive)
 
 
 @pytest.mark.parametrize(("window", "positive_only", "with_mask"), [(5, True, False), (3, False, True)])

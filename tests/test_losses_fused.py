@@ -5,9 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bundle.losses import BoundaryCrossCorrelationLoss, ClusterMutualInformationLoss, PretrainingObjective, entropy_map
-from bundle.losses.fused import joint_and_entropy
-from bundle.losses.mutual_information import joint_distribution
+from bundle.losses import (
+    BoundaryCrossCorrelationLoss,
+    ClusterMutualInformationLoss,
+    PretrainingObjective,
+    entropy_map,
+    joint_distribution,
+)
+from bundle.losses.objective import joint_and_entropy
 
 
 def _probs(shape, seed, sharpness=3.0):

@@ -166,6 +166,82 @@ def test_all_masked_is_zero_with_zero_gradient() -> None:
     assert torch.count_nonzero(p_hat.grad) == 0
 
 
+#: a hand-made 3 x 3 joint (sums to 1) with an exact zero off the diagonal
+_HAND_JOINT = [[0.30, 0.05, 0.00], [0.10, 0.20, 0.05], [0.02, 0.08, 0.20]]
+
+
+def _plain_mi_loss(joint: list[list[float]], alpha: float) -> float:
+    """L = H'_alpha(P) - H(rows) - H(cols) of eq. (6)-(8), term by term in Python floats (0 log 0 = 0)."""
+    k = len(joint)
+    h_prime = -sum(
+        ((1 - alpha) * joint[j][c] + alpha * (j == c) / k) * math.log(joint[j][c])
+        for j in range(k)
+        for c in range(k)
+        if joint[j][c] > 0
+    )
+    rows = [sum(joint[j]) for j in range(k)]
+    cols = [sum(joint[j][c] for j in range(k)) for c in range(k)]
+    return h_prime + sum(x * math.log(x) for x in rows) + sum(x * math.log(x) for x in cols)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_forward_joint_equals_the_plain_formula_on_a_hand_made_joint(alpha: float, symmetric: bool) -> None:
+    plain = _HAND_JOINT
+    if symmetric:
+        plain = [[(plain[j][c] + plain[c][j]) / 2 for c in range(3)] for j in range(3)]
+    expected = _plain_mi_loss(plain, alpha)
+    joint = torch.tensor(_HAND_JOINT, dtype=torch.float64)
+    count = torch.tensor(7.0)
+    loss = ClusterMutualInformationLoss(alpha=alpha, symmetric=symmetric, reduction="none")
+    value = loss.forward_joint(joint, count)
+    assert value.shape == () and value.item() == pytest.approx(expected, abs=1e-12)
+    # M,K,K: one value per head; a second head P = I/K scores -log K; "mean"/"sum" reduce over heads
+    heads = torch.stack([joint, torch.eye(3, dtype=torch.float64) / 3])
+    per_head = torch.tensor([expected, -math.log(3)], dtype=torch.float64)
+    torch.testing.assert_close(loss.forward_joint(heads, count), per_head)
+    mean = ClusterMutualInformationLoss(alpha=alpha, symmetric=symmetric).forward_joint(heads, count)
+    assert mean.item() == pytest.approx((expected - math.log(3)) / 2, abs=1e-12)
+    # no valid pixel: 0 with a zero gradient
+    empty = joint.clone().requires_grad_()
+    loss.forward_joint(empty, torch.tensor(0.0)).backward()
+    assert torch.count_nonzero(empty.grad) == 0
+
+
+@pytest.mark.parametrize(("alpha", "symmetric"), [(0.0, False), (0.5, False), (1.0, True)])
+@pytest.mark.parametrize("heads", [None, 3])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_forward_joint_on_joint_distribution_equals_forward(alpha, symmetric, heads, with_mask) -> None:
+    shape = (2, 4, 5, 6) if heads is None else (heads, 2, 4, 5, 6)
+    p_hat, p_tilde = _random_probs(*shape, seed=20), _random_probs(*shape, seed=21)
+    mask = (torch.rand(2, 1, 5, 6, generator=torch.Generator().manual_seed(22)) > 0.3).float() if with_mask else None
+    count = mask.sum() if with_mask else torch.tensor(2.0 * 5 * 6)
+    for reduction in ("none", "mean"):
+        loss = ClusterMutualInformationLoss(alpha=alpha, symmetric=symmetric, reduction=reduction)
+        a1, b1 = p_hat.clone().requires_grad_(), p_tilde.clone().requires_grad_()
+        direct = loss(a1, b1, mask)
+        a2, b2 = p_hat.clone().requires_grad_(), p_tilde.clone().requires_grad_()
+        joint = joint_distribution(a2, b2, mask)
+        scored = loss.forward_joint(joint[0] if heads is None else joint, count)
+        assert scored.shape == direct.shape
+        torch.testing.assert_close(scored, direct)
+        weights = torch.linspace(0.5, 1.5, direct.numel()).view_as(direct)
+        (weights * direct).sum().backward()
+        (weights * scored).sum().backward()
+        torch.testing.assert_close(a2.grad, a1.grad)
+        torch.testing.assert_close(b2.grad, b1.grad)
+
+
+def test_forward_joint_rejects_bad_inputs_naming_them() -> None:
+    loss = ClusterMutualInformationLoss()
+    count = torch.tensor(10.0)
+    for bad in (torch.rand(3, 4), torch.rand(2, 3, 4), torch.rand(3), torch.rand(1, 2, 3, 3)):
+        with pytest.raises(ValueError, match=r"joint must be K,K or M,K,K \(square\), got shape"):
+            loss.forward_joint(bad, count)
+    with pytest.raises(ValueError, match="count must be a 0-d tensor"):
+        loss.forward_joint(torch.eye(3) / 3, torch.tensor([10.0]))
+
+
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_gradients_finite_at_exact_zeros(alpha: float, symmetric: bool) -> None:

@@ -8,23 +8,24 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from monai.utils import LossReduction
-from torch.autograd.function import FunctionCtx, once_differentiable
 from torch.nn.modules.loss import _Loss
 
-from bundle.losses.mutual_information import (
+from bundle.losses._kernels import CorrelationGeometry, LocalCorrelationFunction, box_sum_
+from bundle.losses.utils import (
     DEFAULT_LOG_EPS,
-    _as_heads,
-    _at_least_fp32,
-    _check_mask,
-    _check_reduction,
-    _fp32_region,
-    _reduce_heads,
+    as_heads,
+    at_least_fp32,
+    check_aligned,
+    check_mask,
+    check_positive,
+    check_reduction,
+    fp32_region,
     pixel_entropy,
+    reduce_heads,
 )
 
 __all__ = ["sobel_edge_map", "entropy_map", "BoundaryCrossCorrelationLoss"]
@@ -61,20 +62,18 @@ def sobel_edge_map(image: torch.Tensor, power: float = 1.0, eps: float = 1e-12) 
         tensor([4., 8., 8., 8., 4.])
     """
     _check_image(image)
-    if not float(power) > 0.0:
-        raise ValueError(f"power must be > 0, got {power}.")
-    if not float(eps) >= 0.0:
-        raise ValueError(f"eps must be >= 0, got {eps}.")
-    with _fp32_region(image.device):
-        padded = F.pad(_at_least_fp32(image), (1, 1, 1, 1), mode="replicate")
+    power = check_positive(power, "power")
+    eps = check_positive(eps, "eps", allow_zero=True)
+    with fp32_region(image.device):
+        padded = F.pad(at_least_fp32(image), (1, 1, 1, 1), mode="replicate")
         dx = padded[..., :, 2:] - padded[..., :, :-2]  # B,C,H+2,W
         gx = dx[..., :-2, :] + 2.0 * dx[..., 1:-1, :] + dx[..., 2:, :]
         dy = padded[..., 2:, :] - padded[..., :-2, :]  # B,C,H,W+2
         gy = dy[..., :, :-2] + 2.0 * dy[..., :, 1:-1] + dy[..., :, 2:]
         squared = gx * gx + gy * gy
-        edge = _safe_power(squared, 0.5, float(eps)).mean(dim=1, keepdim=True)
-        if float(power) != 1.0:
-            edge = _safe_power(edge, float(power), 0.0)
+        edge = _safe_power(squared, 0.5, eps).mean(dim=1, keepdim=True)
+        if power != 1.0:
+            edge = _safe_power(edge, power, 0.0)
     return edge
 
 
@@ -87,11 +86,10 @@ def entropy_map(probs: torch.Tensor, eps: float = DEFAULT_LOG_EPS) -> torch.Tens
     Raises:
         ValueError: not ``B,K,H,W``/``M,B,K,H,W`` floating point, or K < 2.
     """
-    _as_heads(probs, "probs")
-    if not float(eps) > 0.0:
-        raise ValueError(f"eps must be > 0, got {eps}.")
-    with _fp32_region(probs.device):
-        return pixel_entropy(_at_least_fp32(probs), dim=-3, eps=float(eps), keepdim=True)
+    as_heads(probs, "probs")
+    eps = check_positive(eps, "eps")
+    with fp32_region(probs.device):
+        return pixel_entropy(at_least_fp32(probs), dim=-3, eps=eps, keepdim=True)
 
 
 class BoundaryCrossCorrelationLoss(_Loss):
@@ -120,15 +118,32 @@ class BoundaryCrossCorrelationLoss(_Loss):
     - **Zero-variance windows**: the local variances are floored at ``eps`` in the denominator; a flat
       window (constant image or constant entropy) has ``cov = 0`` and scores exactly 0 correlation with a
       finite (zero) gradient; windows with variance below ``eps`` are damped smoothly.
-    - **Windows**: local means are box filters (``avg_pool2d``, stride 1, no padding values:
-      windows are truncated at the image border and, with a mask, restricted to valid pixels).
+    - **Windows**: local means are box filters (window sums divided by the number of pixels summed: windows
+      are truncated at the image border and, with a mask, restricted to valid pixels).
     - **Mask**: a ``B,1,H,W`` validity mask is eroded by one pixel (a Sobel response next to an out-of-view
       pixel measures the artificial border created by the transform) and the eroded mask removes pixels from
       the window statistics, the normalisation and the final mean.  A head with no valid pixel scores 0.
     - **Efficiency**: the edge map (and its window moments) are computed once per call, under ``no_grad``
       (the image is data, no gradient), and shared by all heads; heads are scored at once.  ``probs`` may be a
       sequence of tensors (e.g. ``(p_hat, p_tilde)``) scored as if concatenated along the head axis without
-      copying the probabilities.
+      copying the probabilities.  The hand-written backward is the adjoint of the window sums, computed in
+      place (see ``bundle/losses/_kernels.py``).
+
+    Why not :class:`monai.losses.LocalNormalizedCrossCorrelationLoss` (same squared local NCC, ``-mean r^2``):
+
+    - its window sums zero-pad the border and are divided by the full kernel volume, so border windows count the
+      padding as zero-valued pixels; here windows are truncated at the border (and at masked pixels);
+    - it floors the window *sums* of squared deviations (``smooth_dr``, i.e. kernel volume x variance) of the maps
+      as given and adds ``smooth_nr`` to the numerator; it does not rescale the maps to [0, 1] (see *Affine
+      invariance*), so its floor is absolute where ``eps`` here is relative to each map's range;
+    - it squares the covariance as is (no ``positive_only``) and has no mask: its mean runs over every pixel,
+      out-of-view ones included;
+    - ``pred`` and ``target`` must have the same shape, so the edge map would be repeated for every head and its
+      window moments recomputed per head and per call; here they are computed once and shared by all heads;
+    - its backward is autograd through five separable filterings (zero-padded convolutions); here the moments
+      are box-summed in place and the backward is the hand-written adjoint, for less memory traffic on the
+      full-resolution maps;
+    - it does not disable autocast; here the statistics run in fp32.
 
     Args:
         window: odd side of the local window, >= 3. Defaults to 5 (the authors').
@@ -158,16 +173,12 @@ class BoundaryCrossCorrelationLoss(_Loss):
         reduction: LossReduction | str = LossReduction.MEAN,
         positive_only: bool = True,
     ) -> None:
-        super().__init__(reduction=_check_reduction(reduction))
+        super().__init__(reduction=check_reduction(reduction))
         if isinstance(window, bool) or int(window) != window or window < 3 or window % 2 == 0:
             raise ValueError(f"window must be an odd integer >= 3, got {window}.")
-        if not float(edge_power) > 0.0:
-            raise ValueError(f"edge_power must be > 0, got {edge_power}.")
-        if not float(eps) > 0.0:
-            raise ValueError(f"eps must be > 0, got {eps}.")
         self.window = int(window)
-        self.edge_power = float(edge_power)
-        self.eps = float(eps)
+        self.edge_power = check_positive(edge_power, "edge_power")
+        self.eps = check_positive(eps, "eps")
         self.positive_only = bool(positive_only)
 
     def forward(
@@ -191,24 +202,31 @@ class BoundaryCrossCorrelationLoss(_Loss):
         heads = []
         for index, tensor in enumerate(tensors):
             name = "probs" if isinstance(probs, torch.Tensor) else f"probs[{index}]"
-            five, _ = _as_heads(tensor, name)
-            if five.shape[1] != image.shape[0] or five.shape[-2:] != image.shape[-2:]:
-                raise ValueError(f"{name} (shape {tuple(tensor.shape)}) and image (shape {tuple(image.shape)}) "
-                                 "must share B, H and W.")
+            five, _ = as_heads(tensor, name)
+            check_aligned(tensor, image, name)
             heads.append(five)
-        mask = _check_mask(mask, heads[0])
-        with torch.no_grad():
-            edge = sobel_edge_map(image, power=self.edge_power)
-        with _fp32_region(image.device):
+        mask = check_mask(mask, heads[0])
+        edge = self.edge_map(image)
+        with fp32_region(image.device):
             entropy = torch.cat([entropy_map(h) for h in heads], dim=0)  # M,B,1,H,W
             values = self._score(edge, entropy, mask)
-        return _reduce_heads(values, self.reduction, single)
+        return reduce_heads(values, self.reduction, single)
+
+    def edge_map(self, image: torch.Tensor) -> torch.Tensor:
+        """phi of eq. (9), the data :meth:`forward` scores against: :func:`sobel_edge_map` of ``image`` ``B,C,H,W``
+        with ``edge_power``, ``B,1,H,W`` fp32 (fp64 kept), without gradient.
+
+        Raises:
+            ValueError: ``image`` is not a non-empty floating-point ``B,C,H,W`` tensor.
+        """
+        with torch.no_grad():
+            return sobel_edge_map(image, power=self.edge_power)
 
     def forward_maps(
         self, edge: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Score precomputed maps: ``edge`` ``B,1,H,W`` (used as data, detached) against ``entropy``
-        ``B,1,H,W`` or ``M,B,1,H,W``; same reduction as :meth:`forward`.
+        """Score precomputed maps: ``edge`` ``B,1,H,W`` (used as data, detached; e.g. :meth:`edge_map`) against
+        ``entropy`` ``B,1,H,W`` or ``M,B,1,H,W`` (e.g. :func:`entropy_map`); same reduction as :meth:`forward`.
 
         Raises:
             ValueError: bad or mismatched shapes.
@@ -220,10 +238,10 @@ class BoundaryCrossCorrelationLoss(_Loss):
                              f"got shape {tuple(entropy.shape)}.")
         single = entropy.ndim == 4
         entropy5 = entropy.unsqueeze(0) if single else entropy
-        mask = _check_mask(mask, entropy5)
-        with _fp32_region(edge.device):
-            values = self._score(_at_least_fp32(edge.detach()), _at_least_fp32(entropy5), mask)
-        return _reduce_heads(values, self.reduction, single)
+        mask = check_mask(mask, entropy5)
+        with fp32_region(edge.device):
+            values = self._score(at_least_fp32(edge.detach()), at_least_fp32(entropy5), mask)
+        return reduce_heads(values, self.reduction, single)
 
     def _score(self, edge: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Per-head ``-mean r^2``: edge ``B,1,H,W`` (data), entropy ``M,B,1,H,W`` -> ``(M,)``."""
@@ -234,133 +252,16 @@ class BoundaryCrossCorrelationLoss(_Loss):
             # window sizes (in-image part) and, with a mask, the valid mass of each window: moments are
             # box_sum(mask * x) / norm
             ones = torch.ones(1, 1, height, width, dtype=entropy.dtype, device=entropy.device)
-            size, _ = _box_sum_(ones, self.window)
-            norm = size if mask is None else _box_sum_(mask.clone(), self.window)[0].clamp_min(size / self.window**2)
+            size, _ = box_sum_(ones, self.window)
+            norm = size if mask is None else box_sum_(mask.clone(), self.window)[0].clamp_min(size / self.window**2)
             phi = _rescale(edge, mask)  # B,1,H,W in [0, 1] on valid pixels, 0 elsewhere
             weighted = phi if mask is None else mask * phi
-            phi_moments = _box_sum_(torch.cat([weighted, weighted * phi], dim=1), self.window)[0].div_(norm)
+            phi_moments = box_sum_(torch.cat([weighted, weighted * phi], dim=1), self.window)[0].div_(norm)
             phi_mean, phi_sq = phi_moments[:, :1], phi_moments[:, 1:]
             phi_var = (phi_sq - phi_mean * phi_mean).clamp_min(self.eps)
             low, scale = _rescale_range(entropy, mask)
-        geometry = _CorrelationGeometry(phi, phi_mean, phi_var, mask, norm, self.window, self.eps, self.positive_only)
-        return _LocalCorrelationFunction.apply(entropy, low, scale, geometry)
-
-
-class _CorrelationGeometry(NamedTuple):
-    """What :class:`_LocalCorrelationFunction` needs besides the entropy maps (all data, no gradient)."""
-
-    phi: torch.Tensor  # B,1,H,W rescaled edge map
-    phi_mean: torch.Tensor  # B,1,H,W local mean of phi
-    phi_var: torch.Tensor  # B,1,H,W local variance of phi, floored at eps
-    mask: torch.Tensor | None  # B,1,H,W eroded validity mask
-    norm: torch.Tensor  # B,1,H,W or 1,1,H,W: window moments are box_sum(mask * x) / norm
-    window: int
-    eps: float
-    positive_only: bool
-
-
-class _LocalCorrelationFunction(torch.autograd.Function):
-    """Entropy maps ``M,B,1,H,W`` -> per-head ``-mean_i r_i^2`` ``(M,)``, with a hand-written backward.
-
-    The arithmetic is that of the docstring of :class:`BoundaryCrossCorrelationLoss`; the point of the custom
-    function is memory traffic.  With ``psi`` the rescaled entropy, ``w`` the mask and ``S = box_sum(.) / norm``:
-
-        mu = S(w psi), sq = S(w psi^2), X = S(w psi phi),
-        c = X - mu S(w phi) (clamped at 0 when positive_only), v = max(sq - mu^2, eps),
-        r^2 = c^2 / (var_phi v),  loss = -sum_i w_i r_i^2 / sum_i w_i.
-
-    The three moments are box-filtered in place in one ``M*B,3,H,W`` buffer (three such buffers in all, forward
-    and backward); the backward is the adjoint: per pixel ``g_X = 2 c k``, ``g_sq = -c^2 k / v [sq - mu^2 > eps]``,
-    ``g_mu = -S(w phi) g_X - 2 mu g_sq`` with ``k = -g w / (count var_phi v)``, then (the zero-padded box sum is
-    self-adjoint) ``G = box_sum(g / norm)`` and ``d loss / d psi = w (G_mu + 2 psi G_sq + phi G_X)``.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: FunctionCtx, entropy: torch.Tensor, low: torch.Tensor, scale: torch.Tensor, geo: _CorrelationGeometry
-    ) -> torch.Tensor:
-        n_heads, batch, _, height, width = entropy.shape
-        psi = (entropy - low).div_(scale)
-        if geo.mask is not None:  # invalid pixels may hold anything (even inf): give them 0
-            psi = torch.where(geo.mask > 0, psi, torch.zeros((), dtype=psi.dtype, device=psi.device))
-        stack = torch.empty(n_heads, batch, 3, height, width, dtype=psi.dtype, device=psi.device)
-        weighted = stack[:, :, 0:1]
-        if geo.mask is None:
-            weighted.copy_(psi)
-        else:
-            torch.mul(psi, geo.mask, out=weighted)
-        torch.mul(weighted, psi, out=stack[:, :, 1:2])
-        torch.mul(weighted, geo.phi, out=stack[:, :, 2:3])
-        # box sums in place: the stack becomes the window moments; the row buffer is kept for the backward
-        _, work = _box_sum_(stack.view(n_heads * batch, 3, height, width), geo.window)
-        moments = stack.div_(geo.norm)
-        mu, var, cov = moments[:, :, 0:1], moments[:, :, 1:2], moments[:, :, 2:3]
-        cov.addcmul_(geo.phi_mean, mu, value=-1.0)
-        if geo.positive_only:
-            cov.clamp_min_(0.0)
-        var.addcmul_(mu, mu, value=-1.0)
-        above = var > geo.eps  # where the variance floor does not act
-        var.clamp_min_(geo.eps)
-        r2 = cov * cov
-        r2.div_(var).div_(geo.phi_var)
-        if geo.mask is None:
-            count = torch.full((), batch * height * width, dtype=r2.dtype, device=r2.device)
-            values = r2.sum(dim=(1, 2, 3, 4))
-        else:
-            count = geo.mask.sum()
-            values = (r2 * geo.mask).sum(dim=(1, 2, 3, 4))
-        values = values.div_(count.clamp_min(1.0)).neg_()
-        ctx.save_for_backward(psi, moments, above, count, scale)
-        ctx.geo = geo  # type: ignore[attr-defined]
-        ctx.work = work.view_as(stack)  # type: ignore[attr-defined]  # reused by the backward
-        return values
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        psi, moments, above, count, scale = ctx.saved_tensors  # type: ignore[attr-defined]
-        geo: _CorrelationGeometry = ctx.geo  # type: ignore[attr-defined]
-        n_heads, batch, _, height, width = psi.shape
-        mu, var, cov = moments[:, :, 0:1], moments[:, :, 1:2], moments[:, :, 2:3]
-        # k = d loss / d r^2 / (var_phi v) = -g w / (count var_phi v)
-        k = (-grad / count.clamp_min(1.0)).view(n_heads, 1, 1, 1, 1) / geo.phi_var
-        k = k / var if geo.mask is None else (k * geo.mask).div_(var)
-        stack = ctx.work  # type: ignore[attr-defined]
-        ctx.work = None  # type: ignore[attr-defined]
-        if stack is None:  # a second backward through the same graph
-            stack = torch.empty_like(moments)
-        g_mu, g_sq, g_cov = stack[:, :, 0:1], stack[:, :, 1:2], stack[:, :, 2:3]
-        torch.mul(cov, k, out=g_cov).mul_(2.0)  # d r^2 / d cov
-        torch.mul(cov, cov, out=g_sq).mul_(k).div_(var).mul_(above).neg_()  # d r^2 / d v (0 where floored)
-        torch.mul(g_cov, geo.phi_mean, out=g_mu).neg_().addcmul_(mu, g_sq, value=-2.0)
-        stack.div_(geo.norm)
-        _box_sum_(stack.view(n_heads * batch, 3, height, width), geo.window)  # the adjoint G, in place
-        grad_psi = stack[:, :, 0:1].addcmul(psi, stack[:, :, 1:2], value=2.0)
-        grad_psi.addcmul_(geo.phi, stack[:, :, 2:3])
-        if geo.mask is not None:
-            grad_psi.mul_(geo.mask)
-        return grad_psi.div_(scale), None, None, None
-
-
-def _box_sum_(x: torch.Tensor, window: int, work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum over the in-image part of each ``window x window`` neighbourhood of ``...,H,W`` maps (zero padding),
-    **in place** in ``x``; returns ``(x, work)``.
-
-    Separable shifted in-place adds (rows into ``work``, a buffer shaped as ``x`` that is allocated when not given,
-    then columns back into ``x``): ``2 (window - 1)`` adds, about twice as fast on CPU as ``avg_pool2d``.  The
-    zero-padded box sum is self-adjoint.
-    """
-    half = window // 2
-    rows = torch.empty_like(x) if work is None else work
-    rows.copy_(x)
-    for shift in range(1, half + 1):
-        rows[..., shift:, :] += x[..., :-shift, :]
-        rows[..., :-shift, :] += x[..., shift:, :]
-    x.copy_(rows)
-    for shift in range(1, half + 1):
-        x[..., shift:] += rows[..., :-shift]
-        x[..., :-shift] += rows[..., shift:]
-    return x, rows
+        geometry = CorrelationGeometry(phi, phi_mean, phi_var, mask, norm, self.window, self.eps, self.positive_only)
+        return LocalCorrelationFunction.apply(entropy, low, scale, geometry)
 
 
 def _check_image(image: torch.Tensor) -> None:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
-from bundle.losses.mutual_information import _at_least_fp32, _check_reduction, _fp32_region
+from bundle.losses.utils import at_least_fp32, check_positive, check_reduction, fp32_region
 
 __all__ = ["MetaLabelContrastiveLoss", "DenseContrastiveLoss"]
 
@@ -52,10 +52,8 @@ class MetaLabelContrastiveLoss(_Loss):
     """
 
     def __init__(self, temperature: float = 0.07, reduction: LossReduction | str = LossReduction.MEAN) -> None:
-        super().__init__(reduction=_check_reduction(reduction))
-        if not float(temperature) > 0.0:
-            raise ValueError(f"temperature must be > 0, got {temperature}.")
-        self.temperature = float(temperature)
+        super().__init__(reduction=check_reduction(reduction))
+        self.temperature = check_positive(temperature, "temperature")
 
     def forward(self, z_a: torch.Tensor, z_b: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """
@@ -75,8 +73,8 @@ class MetaLabelContrastiveLoss(_Loss):
             raise ValueError(f"labels must be a 1-D tensor of length B={z_a.shape[0]}, got {shape}.")
         if labels.is_floating_point() or labels.is_complex():
             raise ValueError(f"labels must be integer meta-labels, got dtype {labels.dtype}.")
-        with _fp32_region(z_a.device):
-            z = F.normalize(_at_least_fp32(torch.cat([z_a, z_b], dim=0)), dim=1)
+        with fp32_region(z_a.device):
+            z = F.normalize(at_least_fp32(torch.cat([z_a, z_b], dim=0)), dim=1)
             both = torch.cat([labels, labels], dim=0).to(z.device)
             items = z.shape[0]
             self_mask = torch.eye(items, dtype=torch.bool, device=z.device)
@@ -86,12 +84,7 @@ class MetaLabelContrastiveLoss(_Loss):
             n_pos = positives.sum(dim=1)
             per_anchor = -log_prob.masked_fill(~positives, 0.0).sum(dim=1) / n_pos.clamp_min(1)
             has_pos = n_pos > 0
-        if self.reduction == LossReduction.NONE.value:
-            return per_anchor
-        total = per_anchor.sum()
-        if self.reduction == LossReduction.SUM.value:
-            return total
-        return total / has_pos.sum().clamp_min(1)
+        return _reduce_anchors(per_anchor, self.reduction, has_pos)
 
 
 class DenseContrastiveLoss(_Loss):
@@ -125,10 +118,8 @@ class DenseContrastiveLoss(_Loss):
     """
 
     def __init__(self, temperature: float = 0.07, reduction: LossReduction | str = LossReduction.MEAN) -> None:
-        super().__init__(reduction=_check_reduction(reduction))
-        if not float(temperature) > 0.0:
-            raise ValueError(f"temperature must be > 0, got {temperature}.")
-        self.temperature = float(temperature)
+        super().__init__(reduction=check_reduction(reduction))
+        self.temperature = check_positive(temperature, "temperature")
 
     def forward(self, e_a: torch.Tensor, e_b: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """
@@ -147,8 +138,8 @@ class DenseContrastiveLoss(_Loss):
         if mask is not None and tuple(mask.shape) != (batch, 1, g_h, g_w):
             raise ValueError(f"mask must have shape B,1,G,G = {(batch, 1, g_h, g_w)}, got {tuple(mask.shape)}.")
         positions = g_h * g_w
-        with _fp32_region(e_a.device):
-            z = _at_least_fp32(torch.cat([e_a.flatten(2), e_b.flatten(2)], dim=2))  # B,D,2P
+        with fp32_region(e_a.device):
+            z = at_least_fp32(torch.cat([e_a.flatten(2), e_b.flatten(2)], dim=2))  # B,D,2P
             z = F.normalize(z, dim=1).transpose(1, 2)  # B,2P,D
             if mask is None:
                 valid = torch.ones(batch, 2 * positions, dtype=torch.bool, device=z.device)
@@ -161,9 +152,15 @@ class DenseContrastiveLoss(_Loss):
             partner = torch.arange(items, device=z.device).roll(positions)  # (v,p) -> (v',p)
             positive = logits.gather(2, partner.expand(batch, items).unsqueeze(2)).squeeze(2)
             per_anchor = (torch.logsumexp(logits, dim=2) - positive) * valid
-        if self.reduction == LossReduction.NONE.value:
-            return per_anchor.view(batch, 2, g_h, g_w)
-        total = per_anchor.sum()
-        if self.reduction == LossReduction.SUM.value:
-            return total
-        return total / valid.sum().clamp_min(1)
+        return _reduce_anchors(per_anchor.view(batch, 2, g_h, g_w), self.reduction, valid)
+
+
+def _reduce_anchors(per_anchor: torch.Tensor, reduction: str, counted: torch.Tensor) -> torch.Tensor:
+    """``"none"``: the per-anchor losses; ``"sum"``: their sum; ``"mean"``: their sum over the number of anchors
+    that count (``counted``, boolean), at least 1."""
+    if reduction == LossReduction.NONE.value:
+        return per_anchor
+    total = per_anchor.sum()
+    if reduction == LossReduction.SUM.value:
+        return total
+    return total / counted.sum().clamp_min(1)
