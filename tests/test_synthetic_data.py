@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import bundle.data.synthetic as synthetic
+import bundle.data.synthetic.writing as synthetic_writing
 from bundle.data.synthetic import (
     GROUPS,
     LABELS,
@@ -225,7 +226,7 @@ def test_complete_dataset_is_not_regenerated(dataset: Path, monkeypatch: pytest.
     def fail(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("regenerated a complete dataset")
 
-    monkeypatch.setattr(synthetic, "generate_patient", fail)
+    monkeypatch.setattr(synthetic_writing, "generate_patient", fail)
     assert generate_synthetic_acdc(dataset, NUM_PATIENTS, SEED) == dataset
     assert _all_files(dataset) == before
 
@@ -253,7 +254,7 @@ def test_interrupted_run_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monk
         calls.append(patient["name"])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(synthetic, "write_patient", explode)
+    monkeypatch.setattr(synthetic_writing, "write_patient", explode)
     with pytest.raises(KeyboardInterrupt):
         generate_synthetic_acdc(tmp_path / "acdc", 1, SEED)
     assert calls == ["patient001"]

@@ -1,67 +1,23 @@
-"""Synthetic short-axis cine-MRI in the ACDC layout, generated deterministically from a seed.
+"""Images and label maps of one synthetic patient, rendered from its sampled parameters.
 
-The bundle's default dataset: it lets the main job run with no data given. Each patient is a stack of 2D
-short-axis slices (slice axis last, slice 0 = base) at end-diastole (ED) and end-systole (ES) with labels in
-the ACDC convention (0 background, 1 RV cavity, 2 LV myocardium, 3 LV cavity, papillary muscles included in
-the cavity), written the way ACDC ships them::
-
-    <output>/patient001/Info.cfg
-    <output>/patient001/patient001_frame01.nii.gz      (ED image, int16)
-    <output>/patient001/patient001_frame01_gt.nii.gz   (ED labels, uint8)
-    <output>/patient001/patient001_frameXX.nii.gz      (ES image; XX from Info.cfg)
-    <output>/patient001/patient001_frameXX_gt.nii.gz
-    <output>/manifest.json                             (generator, version, seed, count, file sizes)
-
-The anatomy is a nested pair of perturbed half-ellipsoids for the LV (endo- and epicardium), an RV crescent
-attached on the septal side that vanishes toward the apex, papillary muscles, and the thorax around it
-(subcutaneous fat, chest-wall muscle, mediastinum, lungs with vessels, spine, descending aorta, liver, stomach,
-basal great vessels, pericardial fat) whose intensities overlap the heart's. Acquisition effects: anisotropic
-voxels, partial volume, blur, a smooth multiplicative bias field, Rician noise and a faint phase-encode ghost.
-Every patient draws its own geometry, pose, contrast and ACDC group (NOR, DCM, HCM, MINF, RV) from a generator
-seeded by ``(seed, patient index)``, so a patient does not depend on how many others are generated.
+The second stage of :mod:`bundle.data.synthetic`: the thorax (identical in both frames), the heart of each phase
+(ED, ES) painted over it with its ACDC label map, then the acquisition (gain, blur, ghost, Rician noise).
+:func:`generate_patient` runs sampling and rendering for one patient, in memory.
 """
 
 from __future__ import annotations
 
-import json
-import multiprocessing
-import os
-import re
-import shutil
-import tempfile
-import zlib
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
-from itertools import repeat
-from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-__all__ = [
-    "GROUPS",
-    "LABELS",
-    "MANIFEST_NAME",
-    "SYNTHETIC_VERSION",
-    "TISSUES",
-    "generate_patient",
-    "generate_synthetic_acdc",
-    "patient_name",
-    "write_patient",
-]
+from bundle.data.synthetic.sampling import PatientParameters, patient_name, sample_patient
 
-SYNTHETIC_VERSION = 1
-"""Bumped whenever the generator's output changes; part of the manifest, so old folders are regenerated."""
-
-MANIFEST_NAME = "manifest.json"
+__all__ = ["LABELS", "PHASES", "TISSUES", "generate_patient"]
 
 LABELS: dict[str, int] = {"background": 0, "rv": 1, "myocardium": 2, "lv": 3}
 """ACDC label convention."""
-
-GROUPS: tuple[str, ...] = ("NOR", "DCM", "HCM", "MINF", "RV")
-"""ACDC pathology groups; patient ``i`` (1-based) belongs to ``GROUPS[(i - 1) % 5]``."""
 
 TISSUES: dict[str, int] = {
     "air": 0,
@@ -83,197 +39,8 @@ TISSUES: dict[str, int] = {
 }
 """Structure codes of the ``tissue_ed`` / ``tissue_es`` maps returned by :func:`generate_patient` (not written)."""
 
-_PATIENT_DIR = re.compile(r"^patient\d{3,}$")
-_PHASES = ("ed", "es")
-
-
-def patient_name(index: int) -> str:
-    """ACDC folder / file stem of the 1-based patient ``index``: ``patient_name(7) == "patient007"``."""
-    return f"patient{index:03d}"
-
-
-# ----------------------------------------------------------------------------------------------- parameters
-
-
-@dataclass(frozen=True)
-class _Patient:
-    """Everything random about one patient; drawn once, shared by the ED and ES frames."""
-
-    group: str
-    shape: tuple[int, int, int]
-    spacing: tuple[float, float, float]
-    origin: tuple[float, float, float]
-    nb_frame: int
-    es_frame: int
-    height: float
-    weight: float
-    t: np.ndarray  # (nz,) long-axis position of each slice, 0 = base, 1 = epicardial apex
-    pose_angle: float  # in-plane rotation, patient frame -> image frame (radians)
-    lv_center_mm: tuple[float, float]  # LV centre of the basal slice, image mm from the grid centre
-    drift: tuple[float, float]  # LV axis drift over the long axis (patient frame, mm at t = 1)
-    # LV
-    r_endo: float
-    wall: float
-    endo_apex: float
-    endo_coef: np.ndarray  # (2, K, 2): base / apex Fourier (amplitude, phase) of the endocardium
-    epi_coef: np.ndarray
-    wall_modulation: tuple[float, float, float]  # (amount, centre angle, half width) regional thickening/thinning
-    infarct: tuple[float, float, float]  # (present, centre angle, half width): akinetic thin sector (MINF)
-    lv_ef: float
-    es_base_descent: float
-    es_shift: tuple[float, float]
-    papillary: tuple[float, float, float, float]  # (angle 1, angle 2, radius mm, depth fraction)
-    # RV
-    rv_angle: float
-    rv_extent: float  # long-axis position where the RV ends
-    rv_width: float  # crescent thickness at the base (mm)
-    rv_overlap: float  # kappa: ellipse centre distance as a fraction of the epicardial radius
-    rv_insertion: float  # half-angle of the crescent: where the RV free wall meets the LV (radians)
-    rv_wall: float
-    rv_ef: float
-    rv_coef: np.ndarray
-    # thorax (patient frame, mm, relative to the basal LV centre)
-    body_center: tuple[float, float]
-    body_axes: tuple[float, float]
-    mediastinal_margin: float  # soft tissue between the heart and the lungs (mm)
-    midline_offset: float
-    midline_half_width: float  # posterior mediastinum between the lungs (mm)
-    spine_radius: float
-    fat_thickness: float
-    muscle_thickness: float
-    liver_start: float  # long-axis position where the liver dome enters the slices
-    stomach: float  # 0: none in view; > 0.5: fluid-filled (bright), else gas-filled (dark)
-    great_vessels: tuple[float, float, float]  # (extent in t, aorta radius, pulmonary radius)
-    pericardial_fat: tuple[float, float]  # (largest thickness in mm, angle of the patches)
-    # image formation
-    intensity: dict[str, float]
-    noise_sigma: float
-    bias_strength: float
-    blur_sigma: float
-    ghost: float
-    texture: float
-
-
-def _fourier_coefficients(rng: np.random.Generator, orders: int, amplitude: float) -> np.ndarray:
-    """(2, orders, 2) array: for base and apex, (amplitude, phase) of harmonics 1..orders (harmonic k ~ 1/k)."""
-    coef = np.empty((2, orders, 2))
-    for end in range(2):
-        for k in range(orders):
-            coef[end, k, 0] = rng.normal(0.0, amplitude / (k + 1)) if k > 0 else rng.normal(0.0, amplitude * 0.3)
-            coef[end, k, 1] = rng.uniform(0.0, 2.0 * np.pi)
-    return coef
-
-
-def _sample_patient(index: int, rng: np.random.Generator) -> _Patient:
-    group = GROUPS[(index - 1) % len(GROUPS)]
-    u = rng.uniform
-
-    nx = int(rng.integers(24, 33)) * 8  # 192..256
-    ny = int(rng.integers(24, 33)) * 8
-    pixel = round(float(np.clip(u(280.0, 360.0) / max(nx, ny), 1.3, 1.8)), 4)  # field of view ~280..360 mm
-    slice_spacing = np.ceil(u(max(5.0, 3.0 * pixel), 10.0) * 2.0) / 2.0  # 5..10 mm, >= 3x the pixel size
-    heart_length = u(75.0, 105.0)  # base to epicardial apex (mm)
-    t_last = u(0.86, 0.95)
-    nz = int(np.clip(round(heart_length * t_last / slice_spacing) + 1, 6, 16))
-    t = np.linspace(0.0, t_last, nz)
-
-    # group-specific cardiac shape and function
-    r_endo, wall, lv_ef = u(22.0, 27.0), u(7.0, 10.0), u(0.55, 0.70)
-    rv_width, rv_ef = u(22.0, 32.0), u(0.45, 0.62)
-    wall_mod = (0.0, 0.0, 1.0)
-    infarct = (0.0, 0.0, 1.0)
-    if group == "DCM":
-        r_endo, wall, lv_ef = u(29.0, 36.0), u(5.0, 7.5), u(0.12, 0.35)
-        rv_ef = u(0.25, 0.5)
-    elif group == "HCM":
-        r_endo, wall, lv_ef = u(17.0, 22.0), u(12.0, 17.0), u(0.68, 0.82)
-        wall_mod = (u(0.2, 0.5), 0.0, u(0.8, 1.4))  # septal hypertrophy (centre angle relative to the RV)
-    elif group == "MINF":
-        r_endo, wall, lv_ef = u(25.0, 32.0), u(7.0, 9.5), u(0.2, 0.42)
-        infarct = (1.0, u(0.0, 2.0 * np.pi), u(0.5, 1.0))
-    elif group == "RV":
-        rv_width, rv_ef = u(34.0, 45.0), u(0.15, 0.38)
-
-    rv_extent = u(0.62, min(0.8, t_last - 0.1))
-    endo_apex = 1.0 - wall / heart_length * u(0.9, 1.3)
-    theta_rv = np.deg2rad(u(135.0, 170.0))
-    pm_angle = theta_rv + np.pi
-
-    blood = u(250.0, 450.0)
-    intensity = {
-        "blood": blood,
-        "rv_blood": blood * u(0.85, 1.05),
-        "myocardium": blood * u(0.22, 0.45),
-        "subcutaneous_fat": blood * u(0.75, 1.05),
-        "pericardial_fat": blood * u(0.65, 1.0),
-        "chest_wall": blood * u(0.18, 0.38),
-        "mediastinum": blood * u(0.28, 0.5),
-        "lung": blood * u(0.02, 0.07),
-        "lung_vessel": blood * u(0.4, 0.8),
-        "liver": blood * u(0.33, 0.6),
-        "spine": blood * u(0.25, 0.5),
-        "vessel": blood * u(0.85, 1.1),
-        "stomach_fluid": blood * u(0.6, 1.0),
-    }
-    body_axes = (u(155.0, 190.0), u(105.0, 130.0))
-    half_fov = 0.5 * pixel * np.array([nx, ny])
-    lv_center = tuple(float(v) for v in rng.uniform(-0.12, 0.12, 2) * half_fov)
-    nb_frame = int(rng.integers(25, 36))
-    return _Patient(
-        group=group,
-        shape=(nx, ny, nz),
-        spacing=(pixel, pixel, float(slice_spacing)),
-        origin=tuple(float(round(v, 2)) for v in rng.uniform(-200.0, 50.0, 3)),
-        nb_frame=nb_frame,
-        es_frame=int(np.clip(round(nb_frame * u(0.30, 0.45)), 2, nb_frame)),
-        height=round(u(150.0, 195.0), 0),
-        weight=round(u(50.0, 110.0), 0),
-        t=t,
-        pose_angle=float(np.deg2rad(u(-40.0, 40.0))),
-        lv_center_mm=lv_center,
-        drift=(u(-10.0, 10.0), u(-10.0, 10.0)),
-        r_endo=r_endo,
-        wall=wall,
-        endo_apex=endo_apex,
-        endo_coef=_fourier_coefficients(rng, 4, 0.07),
-        epi_coef=_fourier_coefficients(rng, 3, 0.04),
-        wall_modulation=wall_mod,
-        infarct=infarct,
-        lv_ef=lv_ef,
-        es_base_descent=u(0.03, 0.08),
-        es_shift=(u(-3.0, 3.0), u(-3.0, 3.0)),
-        papillary=(pm_angle + np.deg2rad(u(30.0, 55.0)), pm_angle - np.deg2rad(u(30.0, 55.0)), u(2.5, 4.5),
-                   u(0.55, 0.75)),
-        rv_angle=theta_rv,
-        rv_extent=rv_extent,
-        rv_width=rv_width,
-        rv_overlap=u(0.35, 0.6),
-        rv_insertion=np.deg2rad(u(65.0, 95.0)),
-        rv_wall=u(2.0, 3.5),
-        rv_ef=rv_ef,
-        rv_coef=_fourier_coefficients(rng, 3, 0.06),
-        body_center=(-u(15.0, 35.0), -u(10.0, 30.0)),
-        body_axes=body_axes,
-        mediastinal_margin=u(4.0, 16.0),
-        midline_offset=u(-8.0, 8.0),
-        midline_half_width=u(14.0, 26.0),
-        spine_radius=u(14.0, 19.0),
-        fat_thickness=u(5.0, 20.0),
-        muscle_thickness=u(8.0, 16.0),
-        liver_start=u(0.05, 0.55),
-        stomach=u(0.0, 1.0) if u() < 0.6 else 0.0,
-        great_vessels=(u(0.04, 0.2), u(11.0, 16.0), u(10.0, 14.0)),
-        pericardial_fat=(u(3.0, 9.0), u(0.0, 2.0 * np.pi)),
-        intensity=intensity,
-        noise_sigma=blood * u(0.02, 0.06),
-        bias_strength=u(0.08, 0.22),
-        blur_sigma=u(0.6, 1.1),
-        ghost=u(0.0, 0.04),
-        texture=u(0.04, 0.1),
-    )
-
-
-# ------------------------------------------------------------------------------------------------ rendering
+PHASES: tuple[str, ...] = ("ed", "es")
+"""The frames of each patient, in order: end-diastole, end-systole (the ``_ed`` / ``_es`` keys of a patient)."""
 
 
 def _norm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -347,7 +114,7 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, int, int], cells: 
     return (field - field.mean()) / (field.std() + 1e-6)
 
 
-def _patient_grid(p: _Patient) -> tuple[np.ndarray, np.ndarray]:
+def _patient_grid(p: PatientParameters) -> tuple[np.ndarray, np.ndarray]:
     """Patient-frame coordinates (u toward patient left, v anterior; mm, origin at the basal LV centre)."""
     nx, ny, _ = p.shape
     x = (np.arange(nx, dtype=np.float32) - (nx - 1) / 2.0) * np.float32(p.spacing[0]) - np.float32(p.lv_center_mm[0])
@@ -359,7 +126,7 @@ def _patient_grid(p: _Patient) -> tuple[np.ndarray, np.ndarray]:
     return u, v
 
 
-def _lv_mean_radii(p: _Patient, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _lv_mean_radii(p: PatientParameters, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """ED endo- and epicardial radii (mm) at long-axis positions ``t``: nested half-ellipsoids, base a bit narrower."""
     taper = 0.9 + 0.1 * np.clip(t / 0.25, 0.0, 1.0)
     endo = np.float32(p.r_endo) * np.sqrt(np.clip(1.0 - (t / np.float32(p.endo_apex)) ** 2, 0.0, None)) * taper
@@ -367,12 +134,13 @@ def _lv_mean_radii(p: _Patient, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return endo, epi
 
 
-def _rv_profile(p: _Patient, t: np.ndarray) -> np.ndarray:
+def _rv_profile(p: PatientParameters, t: np.ndarray) -> np.ndarray:
     """1 at the base, falling to 0 where the RV ends (``rv_extent``)."""
     return np.sqrt(np.clip(1.0 - (t / np.float32(p.rv_extent)) ** 2, 0.0, None))
 
 
-def _render_thorax(p: _Patient, u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+def _render_thorax(p: PatientParameters, u: np.ndarray, v: np.ndarray, rng: np.random.Generator
+                   ) -> tuple[np.ndarray, ...]:
     """Everything outside the heart (identical in both frames): image and tissue map."""
     nx, ny, nz = p.shape
     pix = p.spacing[0]
@@ -448,7 +216,7 @@ def _render_thorax(p: _Patient, u: np.ndarray, v: np.ndarray, rng: np.random.Gen
     return image, tissue
 
 
-def _heart_box(p: _Patient, cu: np.ndarray, cv: np.ndarray, reach: float) -> tuple[slice, slice] | None:
+def _heart_box(p: PatientParameters, cu: np.ndarray, cv: np.ndarray, reach: float) -> tuple[slice, slice] | None:
     """Index box of the in-plane grid within ``reach`` mm of the LV axis points (cu, cv) (inverse of _patient_grid)."""
     c, s = np.cos(p.pose_angle), np.sin(p.pose_angle)
     x = s * cu - c * cv + p.lv_center_mm[0]
@@ -464,7 +232,7 @@ def _heart_box(p: _Patient, cu: np.ndarray, cv: np.ndarray, reach: float) -> tup
     return box[0], box[1]
 
 
-def _render_heart(p: _Patient, u: np.ndarray, v: np.ndarray, image: np.ndarray, tissue: np.ndarray, phase: str
+def _render_heart(p: PatientParameters, u: np.ndarray, v: np.ndarray, image: np.ndarray, tissue: np.ndarray, phase: str
                   ) -> np.ndarray:
     """Paint the heart of one phase over the thorax (in place); returns the ACDC label map."""
     pix = p.spacing[0]
@@ -580,7 +348,7 @@ def _render_heart(p: _Patient, u: np.ndarray, v: np.ndarray, image: np.ndarray, 
     return label
 
 
-def _acquire(p: _Patient, clean: np.ndarray, gain: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _acquire(p: PatientParameters, clean: np.ndarray, gain: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Smooth gain (tissue texture x coil bias), in-plane blur, ghost and Rician noise -> int16 magnitude image."""
     image = gaussian_filter(clean * gain, sigma=(p.blur_sigma, p.blur_sigma, 0.0), mode="nearest")
     if p.ghost > 0:  # phase-encode ghost along axis 1
@@ -619,7 +387,7 @@ def generate_patient(index: int, seed: int = 0) -> dict[str, Any]:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
     anatomy_ss, thorax_ss, ed_ss, es_ss = np.random.SeedSequence([int(seed), int(index)]).spawn(4)
-    p = _sample_patient(int(index), np.random.default_rng(anatomy_ss))
+    p = sample_patient(int(index), np.random.default_rng(anatomy_ss))
     thorax_rng = np.random.default_rng(thorax_ss)
     u, v = _patient_grid(p)
     thorax_image, thorax_tissue = _render_thorax(p, u, v, thorax_rng)
@@ -638,7 +406,7 @@ def generate_patient(index: int, seed: int = 0) -> dict[str, Any]:
         "info": {"ED": 1, "ES": p.es_frame, "Group": p.group, "Height": p.height, "NbFrame": p.nb_frame,
                  "Weight": p.weight},
     }
-    for phase, ss in zip(_PHASES, (ed_ss, es_ss), strict=True):
+    for phase, ss in zip(PHASES, (ed_ss, es_ss), strict=True):
         image, tissue = thorax_image.copy(), thorax_tissue.copy()
         label = _render_heart(p, u, v, image, tissue, phase)
         out[f"image_{phase}"] = _acquire(p, image, gain, np.random.default_rng(ss))
@@ -646,186 +414,3 @@ def generate_patient(index: int, seed: int = 0) -> dict[str, Any]:
         out[f"tissue_{phase}"] = tissue
     return out
 
-
-# ------------------------------------------------------------------------------------------------- writing
-
-
-def _nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
-    """Gzipped NIfTI-1 without a gzip timestamp, so equal arrays give byte-identical files."""
-    image = nib.Nifti1Image(array, affine)
-    image.set_qform(affine, code=1)
-    image.set_sform(affine, code=1)
-    image.header.set_xyzt_units("mm", "sec")
-    # run-length deflate: ~1.5x faster than the default strategy on noisy magnitudes, smaller on label maps;
-    # zlib's gzip wrapper (wbits 31) writes no timestamp
-    compressor = zlib.compressobj(1, zlib.DEFLATED, 31, 9, zlib.Z_RLE)
-    return compressor.compress(image.to_bytes()) + compressor.flush()
-
-
-def _info_cfg(info: dict[str, Any]) -> str:
-    return "".join(
-        f"{key}: {info[key]}\n" if key in ("ED", "ES", "Group", "NbFrame") else f"{key}: {float(info[key]):.1f}\n"
-        for key in ("ED", "ES", "Group", "Height", "NbFrame", "Weight")
-    )
-
-
-def write_patient(patient: dict[str, Any], folder: str | os.PathLike) -> list[Path]:
-    """Write one :func:`generate_patient` result in ACDC layout into ``folder/<name>/``; returns the files written.
-
-    Raises:
-        KeyError: if ``patient`` lacks one of the keys :func:`generate_patient` returns.
-    """
-    missing = [k for k in ("name", "affine", "info", "ed_frame", "es_frame", "image_ed", "label_ed", "image_es",
-                           "label_es") if k not in patient]
-    if missing:
-        raise KeyError(f"patient dict lacks {missing}; expected the output of generate_patient().")
-    name = patient["name"]
-    target = Path(folder) / name
-    target.mkdir(parents=True, exist_ok=True)
-    written = []
-    cfg = target / "Info.cfg"
-    cfg.write_text(_info_cfg(patient["info"]))
-    written.append(cfg)
-    for phase in _PHASES:
-        frame = patient[f"{phase}_frame"]
-        for suffix, key in (("", "image"), ("_gt", "label")):
-            path = target / f"{name}_frame{frame:02d}{suffix}.nii.gz"
-            path.write_bytes(_nifti_bytes(patient[f"{key}_{phase}"], patient["affine"]))
-            written.append(path)
-    return written
-
-
-def _manifest_header(num_patients: int, seed: int) -> dict[str, Any]:
-    return {"generator": __name__, "version": SYNTHETIC_VERSION, "seed": int(seed), "num_patients": int(num_patients)}
-
-
-def _folder_state(folder: Path, num_patients: int, seed: int) -> str:
-    """Classify ``folder``: 'missing', 'empty', 'complete' (manifest matches, every listed file there with its size),
-    'stale' (complete, same parameters, older generator version), 'other' (complete, other seed or count),
-    'partial' (only generator output, incomplete) or 'foreign' (incomplete, holds other files)."""
-    if not folder.exists():
-        return "missing"
-    entries = list(folder.iterdir())
-    if not entries:
-        return "empty"
-    try:
-        manifest = json.loads((folder / MANIFEST_NAME).read_text())
-        header = {k: manifest[k] for k in ("generator", "version", "seed", "num_patients")}
-        files = manifest["files"]
-        complete = header["generator"] == __name__ and isinstance(files, dict) and len(files) > 0 and all(
-            (folder / rel).is_file() and (folder / rel).stat().st_size == size for rel, size in files.items()
-        )
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        complete = False
-    if complete:
-        wanted = _manifest_header(num_patients, seed)
-        if header == wanted:
-            return "complete"
-        return "stale" if {**header, "version": wanted["version"]} == wanted else "other"
-    if any(e.name != MANIFEST_NAME and not (e.is_dir() and _PATIENT_DIR.match(e.name)) for e in entries):
-        return "foreign"
-    return "partial"
-
-
-def _write_one(index: int, seed: int, folder: str) -> dict[str, int]:
-    """Generate and write patient ``index``; returns {relative path: size} (a process-pool task)."""
-    root = Path(folder)
-    return {path.relative_to(root).as_posix(): path.stat().st_size
-            for path in write_patient(generate_patient(index, seed), root)}
-
-
-def _default_workers(num_patients: int) -> int:
-    if num_patients < 8:
-        return 1
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cpus, 4))
-
-
-def generate_synthetic_acdc(
-    output_dir: str | os.PathLike,
-    num_patients: int = 100,
-    seed: int = 0,
-    overwrite: bool = False,
-    num_workers: int | None = None,
-) -> Path:
-    """Write ``num_patients`` synthetic patients (``patient001`` ...) in ACDC layout into ``output_dir``.
-
-    Idempotent: a folder that already holds a complete dataset written with the same ``num_patients``, ``seed``
-    and generator version (checked against its ``manifest.json``: parameters, every file present with its
-    recorded size) is returned untouched. A partial folder (interrupted copy, missing or truncated files, no
-    manifest) or one written by an older generator version is regenerated. The dataset is written into a hidden
-    temporary sibling and renamed into place at the end, so ``output_dir`` never holds a half-written dataset.
-
-    Args:
-        output_dir: dataset folder (created; its parent must be writable).
-        num_patients: number of patients (>= 1).
-        seed: dataset seed (>= 0); patient ``i`` is :func:`generate_patient` ``(i, seed)``.
-        overwrite: regenerate even if a complete dataset is there, and replace a folder that holds a dataset
-            with other parameters or unrelated files (which is refused otherwise).
-        num_workers: processes that generate patients in parallel (output is identical for any value); None:
-            1 below 8 patients, else the usable CPUs up to 4.
-
-    Returns:
-        ``Path(output_dir)``.
-
-    Raises:
-        ValueError: if ``num_patients`` < 1, ``seed`` < 0 or ``num_workers`` < 1.
-        FileExistsError: if ``output_dir`` is a file, holds unrelated files, or holds a synthetic dataset with
-            other parameters, and ``overwrite`` is False.
-
-    Example:
-        >>> root = generate_synthetic_acdc("data/synthetic_acdc", num_patients=4, seed=0)  # doctest: +SKIP
-        >>> sorted(p.name for p in (root / "patient001").iterdir())[0]  # doctest: +SKIP
-        'Info.cfg'
-    """
-    if isinstance(num_patients, bool) or not isinstance(num_patients, (int, np.integer)) or num_patients < 1:
-        raise ValueError(f"num_patients must be a positive integer, got {num_patients!r}.")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
-    if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, (int, np.integer))
-                                    or num_workers < 1):
-        raise ValueError(f"num_workers must be a positive integer or None, got {num_workers!r}.")
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"output_dir {str(out)!r} exists and is not a directory.")
-    state = _folder_state(out, int(num_patients), int(seed))
-    if not overwrite:
-        if state == "complete":
-            return out
-        if state == "other":
-            raise FileExistsError(
-                f"{str(out)!r} holds a synthetic dataset made with other parameters (see its {MANIFEST_NAME}); "
-                f"pass overwrite=True to replace it with num_patients={num_patients}, seed={seed}."
-            )
-        if state == "foreign":
-            raise FileExistsError(
-                f"{str(out)!r} holds files that are not part of a synthetic ACDC dataset; refusing to replace it "
-                "(pass overwrite=True, or choose an empty folder)."
-            )
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        indices = range(1, int(num_patients) + 1)
-        workers = _default_workers(int(num_patients)) if num_workers is None else int(num_workers)
-        files: dict[str, int] = {}
-        if workers == 1:
-            for index in indices:
-                files.update(_write_one(index, int(seed), str(staging)))
-        else:  # spawn: no fork of a parent that may hold threads (torch, BLAS)
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                for written in pool.map(_write_one, indices, repeat(int(seed)), repeat(str(staging))):
-                    files.update(written)
-        manifest = {**_manifest_header(int(num_patients), int(seed)), "files": files}
-        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / out.name)
-            os.replace(staging, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
