@@ -1,5 +1,8 @@
 """Throughput of the pre-training loader: cached volumes -> 2D slices -> partition batches (slices/second).
 
+The loader is the one training runs: ``train#dataloader`` of ``configs/pretrain.json``, built by MONAI's
+``ConfigParser`` with the benchmark's settings as overrides (:func:`pretrain_loader`).
+
 Usage (python-fire)::
 
     python -m scripts.benchmark_loader run                                   # generated volumes, paper scale
@@ -22,18 +25,30 @@ import json
 import resource
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import fire
 import numpy as np
 import torch
+from monai.bundle import ConfigParser
 from monai.data import MetaTensor
+from torch.utils.data import DataLoader
 
-from bundle.data.datalist import build_datalist, load_datalist, load_split, write_datalist
-from bundle.data.preprocessing import make_volume_dataset
-from bundle.data.slices import make_pretrain_loader
+from bundle.data.datalist import DatalistOptions, build_datalist, load_datalist, write_datalist
+
+#: the pre-training config whose loader is measured
+PRETRAIN_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain.json"
+
+
+def pretrain_loader(overrides: Mapping[str, Any]) -> DataLoader:
+    """``train#dataloader`` of ``configs/pretrain.json`` with config ids overridden (e.g. ``"prepared_datalist"``,
+    ``"train#entries"`` or ``"train#volumes"`` for the data, ``"num_workers"``, ``"scans_per_batch"``)."""
+    parser = ConfigParser()
+    parser.read_config(str(PRETRAIN_CONFIG))
+    parser.update(dict(overrides))
+    return parser.get_parsed_content("train#dataloader")
 
 
 class JitterSecondView:
@@ -96,19 +111,13 @@ def _measure(loader: Any, num_batches: int, warmup: int) -> tuple[float, int, fl
     return n / elapsed, batch_size, per_cpu
 
 
-def _volumes_from_data(data: str, channel: int | None, spatial_size: Sequence[int], max_volumes: int | None) -> Any:
+def _datalist_of(data: str, folder: str) -> str:
+    """``data`` itself when it is a datalist of this bundle, else a datalist of it written into ``folder`` (the
+    benchmark does not check the files' content)."""
     path = Path(data)
-    with tempfile.TemporaryDirectory() as tmp:
-        if path.suffix == ".json" and "labeled" in json.loads(path.read_text()):
-            datalist = str(path)
-        else:
-            datalist = str(write_datalist(build_datalist("auto", path, check=False), Path(tmp) / "datalist.json"))
-        if channel is None:
-            channel = load_datalist(datalist).get("channel")
-        entries = load_split(datalist, "training", with_labels=False)
-    if max_volumes:
-        entries = entries[:max_volumes]
-    return make_volume_dataset(entries, keys=("image",), spatial_size=spatial_size, channel=channel)
+    if path.suffix == ".json" and "labeled" in json.loads(path.read_text()):
+        return str(path)
+    return str(write_datalist(build_datalist(path, DatalistOptions(check=False)), Path(folder) / "datalist.json"))
 
 
 def benchmark(
@@ -126,7 +135,10 @@ def benchmark(
     channel: int | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Build the pre-training loader (generated volumes, or the training split of ``data``) and measure it.
+    """Build the pre-training loader of ``configs/pretrain.json`` and measure it.
+
+    The loader reads generated volumes, or what pre-training reads of ``data`` (its training split and unlabeled
+    scans, pre-processed as the config does).
 
     Args:
         data: dataset folder or datalist JSON; ``None`` uses ``num_volumes`` generated volumes of ``num_slices``.
@@ -148,22 +160,28 @@ def benchmark(
         ``slices_per_worker_cpu_second`` (CPU time of the worker processes, start-up included) does not depend on
         how busy the machine is, unlike the wall-clock rate.
     """
-    start = time.perf_counter()
-    if data is None:
-        volumes: Any = generated_volumes(num_volumes, num_slices, spatial_size, seed)
-    else:
-        volumes = _volumes_from_data(data, channel, spatial_size, None)
-    cache_seconds = time.perf_counter() - start
-    loader = make_pretrain_loader(
-        volumes,
-        num_partitions=num_partitions,
-        crop_size=crop_size,
-        scans_per_batch=scans_per_batch,
-        iterations=num_batches + warmup,
-        seed=seed,
-        num_workers=num_workers,
-        transform=JitterSecondView(seed) if two_view else None,
-    )
+    overrides: dict[str, Any] = {
+        "num_partitions": num_partitions,
+        "scans_per_batch": scans_per_batch,
+        "crop_size": list(crop_size),
+        "spatial_size": list(spatial_size),
+        "num_workers": num_workers,
+        "iterations": num_batches + warmup,
+        "seed": seed,
+        "train#dataset#transform": JitterSecondView(seed) if two_view else None,
+        # one epoch is measured: its workers must exit at the end so that their CPU time is accounted
+        "train#dataloader#persistent_workers": False,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        if data is None:
+            overrides["train#volumes"] = generated_volumes(num_volumes, num_slices, spatial_size, seed)
+        else:
+            datalist = _datalist_of(data, tmp)
+            recorded = load_datalist(datalist).get("channel")
+            overrides.update({"prepared_datalist": datalist, "channel": recorded if channel is None else channel})
+        loader = pretrain_loader(overrides)  # the slice dataset reads every volume once, here
+        cache_seconds = time.perf_counter() - start
     rate, batch_size, per_worker_cpu = _measure(loader, num_batches=num_batches, warmup=warmup)
     return {
         "slices_per_second": round(rate, 1),
@@ -174,7 +192,7 @@ def benchmark(
         "two_view": two_view,
         "crop_size": list(crop_size),
         "spatial_size": list(spatial_size),
-        "num_volumes": len(volumes),
+        "num_volumes": len(loader.dataset.scan_ids),
         "cache_seconds": round(cache_seconds, 2),
         "data": data or f"generated ({num_volumes} x 1x{spatial_size[0]}x{spatial_size[1]}x{num_slices})",
     }

@@ -24,28 +24,31 @@ from pathlib import Path
 import fire
 
 from bundle.data.checks import DataCheckError
-from bundle.data.datalist import build_datalist, write_datalist
+from bundle.data.datalist import DatalistOptions, build_datalist, write_datalist
 
 
 def make_datalist(
     kind: str,
     root: str,
     output: str,
-    seeds: Sequence[int] = (0, 1, 2),
-    labeled_counts: Sequence[int] = (1, 2, 4),
-    num_val: float = 0.1,
-    num_test: float = 0.2,
-    split_seed: int = 0,
-    num_classes: int | None = None,
-    channel: int | None = None,
-    image_pattern: str | None = None,
-    label_pattern: str | None = None,
-    patient_regex: str | None = None,
-    check: bool = True,
+    seeds: Sequence[int] = DatalistOptions.seeds,
+    labeled_counts: Sequence[int] = DatalistOptions.labeled_counts,
+    num_val: float = DatalistOptions.num_val,
+    num_test: float = DatalistOptions.num_test,
+    split_seed: int = DatalistOptions.split_seed,
+    num_classes: int | None = DatalistOptions.num_classes,
+    channel: int | None = DatalistOptions.channel,
+    image_pattern: str | None = DatalistOptions.image_pattern,
+    label_pattern: str | None = DatalistOptions.label_pattern,
+    patient_regex: str | None = DatalistOptions.patient_regex,
+    check: bool = DatalistOptions.check,
     overwrite: bool = False,
-    unlabeled_dir: str | None = None,
+    unlabeled_dir: str | None = DatalistOptions.unlabeled_dir,
 ) -> str:
     """Build the datalist of ``root`` (layout ``kind``: acdc, msd, folder, datalist or auto) into ``output``.
+
+    The flags are the fields of :class:`bundle.data.datalist.DatalistOptions` (and their defaults), plus ``output``
+    and ``overwrite``.
 
     Args:
         kind: source layout, or ``auto`` to detect it.
@@ -72,9 +75,8 @@ def make_datalist(
         DataCheckError: for any data problem (the CLI prints it and exits 1).
         FileExistsError: when ``output`` exists with different content and ``overwrite`` is false.
     """
-    datalist = build_datalist(
-        kind,
-        root,
+    options = DatalistOptions(
+        kind=kind,
         seeds=seeds,
         labeled_counts=labeled_counts,
         num_val=num_val,
@@ -88,6 +90,7 @@ def make_datalist(
         check=check,
         unlabeled_dir=unlabeled_dir,
     )
+    datalist = build_datalist(root, options)
     out = Path(output)
     if out.exists() and not overwrite:
         old = json.loads(out.read_text())

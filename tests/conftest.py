@@ -57,9 +57,9 @@ def tiny_acdc(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_datalist(tiny_acdc: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Datalist JSON of ``tiny_acdc`` (4 training, 2 validation, 2 test scans), built once per session."""
-    from bundle.data.datalist import ensure_datalist
+    from bundle.data.datalist import prepare_datalist
 
-    return Path(ensure_datalist(tiny_acdc, tmp_path_factory.mktemp("tiny_datalist") / "datalist.json"))
+    return Path(prepare_datalist(tiny_acdc, tmp_path_factory.mktemp("tiny_datalist") / "datalist.json"))
 
 
 @pytest.fixture

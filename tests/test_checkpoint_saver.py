@@ -9,7 +9,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointSaver
 
-from bundle.handlers.checkpoint import AtomicCheckpointSaver
+from bundle.handlers import AtomicCheckpointSaver
 
 
 class _Killed(RuntimeError):
@@ -89,7 +89,7 @@ def test_atomic_saver_writes_every_new_best_and_keeps_one_file(tmp_path: Path) -
 
 
 def test_temporary_files_of_killed_writers_are_removed(tmp_path: Path) -> None:
-    from bundle.handlers.checkpoint import atomic_save
+    from bundle.handlers import atomic_save
 
     dead = tmp_path / ".model.pt.tmp-999999999"  # no such process
     dead.write_bytes(b"left by kill -9")

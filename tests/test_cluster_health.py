@@ -10,7 +10,8 @@ import torch
 from ignite.engine import Engine
 from torch import nn
 
-from bundle.handlers.cluster_health import ClusterDiceHealth, cluster_confusion, majority_vote_mapping
+from bundle.handlers import ClusterDiceHealth
+from bundle.handlers.cluster_health import cluster_confusion, majority_vote_mapping
 from bundle.networks import DenseClusterHead, FeatureUNet
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bundle.data.checks import DataCheckError, check_entries
-from bundle.data.datalist import build_datalist, ensure_datalist, load_split
+from bundle.data.datalist import DatalistOptions, build_datalist, load_split, prepare_datalist
 from bundle.data.splits import choose_labeled
 
 SHAPE = (16, 12, 4)
@@ -190,13 +190,13 @@ def test_empty_datalist_and_empty_split(tmp_path: Path) -> None:
     (root / "labels").mkdir()
     for i in range(3):
         Path(root / "images" / f"c{i}_gt.nii.gz").rename(root / "labels" / f"c{i}.nii.gz")
-    path = ensure_datalist(root, tmp_path / "dl.json", num_val=1, num_test=0, labeled_counts=(1,), seeds=(0,))
+    path = prepare_datalist(root, tmp_path / "dl.json", num_val=1, num_test=0, labeled_counts=(1,), seeds=(0,))
     with pytest.raises(DataCheckError, match="empty 'test' split"):
         load_split(path, "test")
     empty = tmp_path / "empty.json"
     empty.write_text('{"training": []}')
     with pytest.raises(DataCheckError, match="empty datalist"):
-        build_datalist("datalist", empty)
+        build_datalist(empty, DatalistOptions(kind="datalist"))
 
 
 def test_more_labeled_scans_than_exist(tmp_path: Path) -> None:
@@ -205,7 +205,7 @@ def test_more_labeled_scans_than_exist(tmp_path: Path) -> None:
         e = _pair(root / "images", f"c{i}")
         Path(e["label"]).rename(root / "images" / f"c{i}_seg.nii.gz")
     with pytest.raises(DataCheckError, match="4 labeled scans requested but the training split has 2"):
-        build_datalist("folder", root / "images", num_val=1, num_test=1, labeled_counts=(1, 4))
+        build_datalist(root / "images", DatalistOptions(kind="folder", num_val=1, num_test=1, labeled_counts=(1, 4)))
     with pytest.raises(DataCheckError, match="counts must be >= 1"):
         choose_labeled([{"scan_id": "a"}], seeds=[0], counts=[0])
 
@@ -243,7 +243,7 @@ def test_existing_datalist_with_a_missing_file(tmp_path: Path) -> None:
     for i in range(4):
         e = _pair(root / "images", f"c{i}")
         Path(e["label"]).rename(root / "images" / f"c{i}_seg.nii.gz")
-    out = ensure_datalist(root / "images", tmp_path / "dl.json", num_val=1, num_test=1, labeled_counts=(1,))
+    out = prepare_datalist(root / "images", tmp_path / "dl.json", num_val=1, num_test=1, labeled_counts=(1,))
     (root / "images" / "c2_seg.nii.gz").unlink()
     with pytest.raises(DataCheckError, match=r"c2_seg.nii.gz: missing file \(listed in"):
-        ensure_datalist(root / "images", out)
+        prepare_datalist(root / "images", out)

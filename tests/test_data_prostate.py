@@ -16,9 +16,9 @@ import torch
 from monai.transforms import Compose
 
 from bundle.data.checks import check_entries
-from bundle.data.datalist import ensure_datalist, load_split
+from bundle.data.datalist import load_split, prepare_datalist
 from bundle.data.preprocessing import volume_transforms
-from bundle.data.slices import make_pretrain_loader
+from scripts.benchmark_loader import pretrain_loader
 
 PROSTATE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "prostate"
 
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(not (PROSTATE / "images").is_dir(), reason=f"rea
 
 
 def test_prostate_datalist_preprocess_and_pretrain_batch(tmp_path: Path) -> None:
-    path = ensure_datalist(PROSTATE, tmp_path / "prostate.json", num_val=2, num_test=4, seeds=(0,), check=False)
+    path = prepare_datalist(PROSTATE, tmp_path / "prostate.json", num_val=2, num_test=4, seeds=(0,), check=False)
     raw = json.loads(Path(path).read_text())
     assert raw["source"]["kind"] == "folder"
     assert raw["source"]["label_pattern"] == "masks/{id}_Segmentation.nii.gz"
@@ -47,13 +47,15 @@ def test_prostate_datalist_preprocess_and_pretrain_batch(tmp_path: Path) -> None
         assert float(img.min()) > -0.5 and float(img.max()) < 3.0  # 1%/99% percentiles -> 0/1, no clipping
 
     # one pre-training batch of the paper's prostate setting (8 partitions) from 3 training scans
-    loader = make_pretrain_loader(
-        load_split(path, "training", with_labels=False)[:3],
-        num_partitions=8,
-        crop_size=(224, 224),
-        scans_per_batch=2,
-        iterations=1,
-        num_workers=0,
+    loader = pretrain_loader(
+        {
+            "train#entries": load_split(path, "training", with_labels=False)[:3],
+            "num_partitions": 8,
+            "crop_size": [224, 224],
+            "scans_per_batch": 2,
+            "iterations": 1,
+            "num_workers": 0,
+        }
     )
     batch = next(iter(loader))
     assert tuple(batch["image"].shape) == (16, 1, 224, 224)

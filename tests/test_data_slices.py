@@ -1,5 +1,5 @@
 """Pre-processing geometry (orientation, spacing, normalisation, pad/crop, inverse), slice meta-labels, the
-pre-training slice dataset, its partition batch sampler and the one-call loader."""
+pre-training slice dataset, its partition batch sampler and the loader of configs/pretrain.json."""
 
 from __future__ import annotations
 
@@ -13,16 +13,10 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd
 
-from bundle.data.datalist import ensure_datalist, load_split
-from bundle.data.preprocessing import make_volume_dataset, volume_transforms
-from bundle.data.slices import (
-    PartitionBatchSampler,
-    PretrainSliceDataset,
-    make_pretrain_loader,
-    partition_slices,
-    slice_partition,
-)
-from scripts.benchmark_loader import benchmark
+from bundle.data.datalist import load_split, prepare_datalist
+from bundle.data.preprocessing import volume_transforms
+from bundle.data.slices import PartitionBatchSampler, PretrainSliceDataset, partition_slices, slice_partition
+from scripts.benchmark_loader import benchmark, generated_volumes, pretrain_loader
 
 
 def _save(path: Path, data: np.ndarray, affine: np.ndarray) -> str:
@@ -234,10 +228,11 @@ def _write_scans(tmp_path: Path, n: int) -> list[dict]:
     return entries
 
 
-def test_make_pretrain_loader_from_files(tmp_path: Path) -> None:
+def test_pretrain_loader_from_files(tmp_path: Path) -> None:
     entries = _write_scans(tmp_path, 3)
-    kw = {"num_partitions": 3, "crop_size": (16, 16), "scans_per_batch": 2, "iterations": 2, "spatial_size": (32, 32)}
-    loader = make_pretrain_loader(entries, num_workers=0, **kw)
+    kw = {"num_partitions": 3, "crop_size": [16, 16], "scans_per_batch": 2, "iterations": 2, "spatial_size": [32, 32],
+          "train#entries": entries}
+    loader = pretrain_loader({**kw, "num_workers": 0})
     batches = list(loader)
     assert len(batches) == 2
     batch = batches[0]
@@ -245,22 +240,21 @@ def test_make_pretrain_loader_from_files(tmp_path: Path) -> None:
     assert sorted(batch["meta_label"].tolist()) == [0, 0, 1, 1, 2, 2]
     assert all(s in {"s0", "s1", "s2"} for s in batch["scan_id"])
     # the same seed through a worker process gives the same batches (crops seeded per item, not per worker)
-    worker = next(iter(make_pretrain_loader(entries, num_workers=1, **kw)))
+    worker = next(iter(pretrain_loader({**kw, "num_workers": 1})))
     torch.testing.assert_close(worker["image"], batch["image"])
     assert worker["scan_id"] == batch["scan_id"]
 
 
-def test_make_pretrain_loader_from_cached_volumes(tmp_path: Path) -> None:
-    cache = make_volume_dataset(_write_scans(tmp_path, 2), keys=("image",), spatial_size=(30, 30))
-    assert tuple(cache[0]["image"].shape) == (1, 30, 30, 6)
-    loader = make_pretrain_loader(
-        cache, num_partitions=2, crop_size=(20, 20), scans_per_batch=2, iterations=1, num_workers=0
+def test_pretrain_loader_from_preprocessed_volumes(tmp_path: Path) -> None:
+    loader = pretrain_loader(
+        {"train#volumes": generated_volumes(num_volumes=2, num_slices=6, spatial_size=(30, 30)), "num_partitions": 2,
+         "crop_size": [20, 20], "scans_per_batch": 2, "iterations": 1, "num_workers": 0}
     )
     assert loader.batch_sampler.batch_size == 4
     assert tuple(next(iter(loader))["image"].shape) == (4, 1, 20, 20)
 
 
-def test_make_pretrain_loader_from_datalist_uses_training_only(tmp_path: Path) -> None:
+def test_pretrain_loader_from_datalist_uses_training_only(tmp_path: Path) -> None:
     root = tmp_path / "ds"
     (root / "images").mkdir(parents=True)
     (root / "labels").mkdir()
@@ -268,15 +262,17 @@ def test_make_pretrain_loader_from_datalist_uses_training_only(tmp_path: Path) -
         data = np.random.default_rng(i).uniform(1, 9, (20, 20, 6)).astype(np.float32)
         _save(root / "images" / f"c{i}.nii.gz", data, np.eye(4))
         _save(root / "labels" / f"c{i}.nii.gz", (data > 5).astype(np.uint8), np.eye(4))
-    path = ensure_datalist(root, tmp_path / "dl.json", num_val=1, num_test=1, labeled_counts=(1,), seeds=(0,))
-    loader = make_pretrain_loader(
-        path,
-        num_partitions=3,
-        crop_size=(16, 16),
-        scans_per_batch=3,
-        iterations=3,
-        spatial_size=(24, 24),
-        num_workers=0,
+    path = prepare_datalist(root, tmp_path / "dl.json", num_val=1, num_test=1, labeled_counts=(1,), seeds=(0,))
+    loader = pretrain_loader(
+        {
+            "prepared_datalist": path,
+            "num_partitions": 3,
+            "crop_size": [16, 16],
+            "scans_per_batch": 3,
+            "iterations": 3,
+            "spatial_size": [24, 24],
+            "num_workers": 0,
+        }
     )
     train_ids = {e["scan_id"] for e in load_split(path, "training")}
     seen = {s for batch in loader for s in batch["scan_id"]}

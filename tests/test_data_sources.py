@@ -12,7 +12,7 @@ import pytest
 from monai.data import load_decathlon_datalist
 
 from bundle.data.checks import DataCheckError
-from bundle.data.datalist import build_datalist, ensure_datalist, load_datalist, load_split
+from bundle.data.datalist import DatalistOptions, build_datalist, load_datalist, load_split, prepare_datalist
 from bundle.data.sources import detect_source_kind, find_acdc, find_datalist, find_folder, find_msd, parse_acdc_info
 from scripts.make_datalist import main as make_datalist_main
 
@@ -126,7 +126,7 @@ def test_acdc_missing_files_are_all_named(tmp_path: Path) -> None:
 
 def test_acdc_datalist_keeps_patients_together(tmp_path: Path) -> None:
     write_acdc(tmp_path / "acdc", n_patients=6)
-    dl = build_datalist("acdc", tmp_path / "acdc", num_val=2, num_test=2, labeled_counts=(1, 2))
+    dl = build_datalist(tmp_path / "acdc", DatalistOptions(kind="acdc", num_val=2, num_test=2, labeled_counts=(1, 2)))
     assert (len(dl["training"]), len(dl["validation"]), len(dl["test"])) == (8, 2, 2)
     for split in ("validation", "test"):
         assert len({e["patient_id"] for e in dl[split]}) == 1  # both phases of one patient
@@ -139,9 +139,9 @@ def test_msd_multichannel_default_channel_zero(tmp_path: Path) -> None:
     src = find_msd(tmp_path)
     assert src.channel == 0 and src.num_classes == 3 and len(src.entries) == 6
     assert src.extra["channel_name"] == "T2"
-    dl = build_datalist("msd", tmp_path, num_val=1, num_test=1)
+    dl = build_datalist(tmp_path, DatalistOptions(kind="msd", num_val=1, num_test=1))
     assert dl["channel"] == 0 and dl["label_names"]["1"] == "PZ"
-    assert build_datalist("msd", tmp_path, num_val=1, num_test=1, channel=1)["channel"] == 1
+    assert build_datalist(tmp_path, DatalistOptions(kind="msd", num_val=1, num_test=1, channel=1))["channel"] == 1
 
 
 def test_msd_channel_out_of_range(tmp_path: Path) -> None:
@@ -166,7 +166,7 @@ def test_folder_pattern_and_autodetect(tmp_path: Path) -> None:
     assert explicit.entries == auto.entries
     assert auto.extra["label_pattern"] == "masks/{id}_Segmentation.nii.gz"
     assert detect_source_kind(tmp_path) == "folder"
-    dl = build_datalist("folder", tmp_path, num_val=1, num_test=1, labeled_counts=(1, 2))
+    dl = build_datalist(tmp_path, DatalistOptions(kind="folder", num_val=1, num_test=1, labeled_counts=(1, 2)))
     assert dl["num_classes"] == 3  # inferred: max label value + 1
 
 
@@ -208,22 +208,22 @@ def test_monai_datalist_passes_through(tmp_path: Path) -> None:
     assert detect_source_kind(path) == "datalist"
     src = find_datalist(path)
     assert src.splits is not None and [e["scan_id"] for e in src.splits["validation"]] == ["Case05"]
-    dl = build_datalist("datalist", path, num_test=1, labeled_counts=(1, 2), num_classes=3)
+    dl = build_datalist(path, DatalistOptions(kind="datalist", num_test=1, labeled_counts=(1, 2), num_classes=3))
     assert [e["scan_id"] for e in dl["validation"]] == ["Case05"]  # the given validation split is kept
     assert len(dl["test"]) == 1 and len(dl["training"]) == 4  # the missing test split is carved from training
     assert all(Path(e["image"]).is_absolute() for e in dl["training"])
 
 
-def test_ensure_datalist_builds_once_and_monai_reads_it(tmp_path: Path) -> None:
+def test_prepare_datalist_builds_once_and_monai_reads_it(tmp_path: Path) -> None:
     root = write_folder(tmp_path / "ds", n_cases=6)
     out = root / "datalist.json"  # inside the dataset folder: relative paths
-    path = ensure_datalist(root, out, num_val=1, num_test=1, labeled_counts=(1, 2), seeds=(0, 1))
+    path = prepare_datalist(root, out, num_val=1, num_test=1, labeled_counts=(1, 2), seeds=(0, 1))
     raw = json.loads(Path(path).read_text())
     assert raw["training"][0]["image"].startswith("images/")
     assert raw["source"]["kind"] == "folder" and raw["created_by"] and len(raw["file_hash"]) == 64
     assert set(raw["labeled"]) == {"0", "1"} and set(raw["labeled"]["0"]) == {"1", "2"}
     mtime = out.stat().st_mtime_ns
-    assert ensure_datalist(root, out) == str(out) and out.stat().st_mtime_ns == mtime  # existing: used as is
+    assert prepare_datalist(root, out) == str(out) and out.stat().st_mtime_ns == mtime  # existing: used as is
     monai_entries = load_decathlon_datalist(str(out), data_list_key="training")
     assert [e["image"] for e in monai_entries] == [e["image"] for e in load_split(out, "training")]
     assert detect_source_kind(root) == "datalist"  # a folder holding datalist.json is passed through
@@ -242,11 +242,11 @@ def test_an_existing_datalist_is_reused_for_the_dataset_dir_it_was_built_from(tm
                    for i in range(6)]
         dataset_dir.write_text(json.dumps({"training": entries}))
     out = tmp_path / "runs" / "dl.json"
-    ensure_datalist(dataset_dir, out, num_val=1, num_test=1, labeled_counts=(1,), seeds=(0,))
-    assert ensure_datalist(dataset_dir, out) == str(out)  # the second command: same source, accepted
+    prepare_datalist(dataset_dir, out, num_val=1, num_test=1, labeled_counts=(1,), seeds=(0,))
+    assert prepare_datalist(dataset_dir, out) == str(out)  # the second command: same source, accepted
     other = write_folder(tmp_path / "other", n_cases=4)
     with pytest.raises(DataCheckError, match="another dataset"):
-        ensure_datalist(other, out)
+        prepare_datalist(other, out)
 
 
 def test_datalist_file_gets_the_usual_permissions(tmp_path: Path) -> None:
@@ -255,7 +255,7 @@ def test_datalist_file_gets_the_usual_permissions(tmp_path: Path) -> None:
     root = write_folder(tmp_path / "ds", n_cases=4)
     old = os.umask(0o022)
     try:
-        out = Path(ensure_datalist(root, tmp_path / "dl.json", num_val=1, num_test=1, labeled_counts=(1,)))
+        out = Path(prepare_datalist(root, tmp_path / "dl.json", num_val=1, num_test=1, labeled_counts=(1,)))
     finally:
         os.umask(old)
     assert out.stat().st_mode & 0o777 == 0o644
@@ -264,7 +264,7 @@ def test_datalist_file_gets_the_usual_permissions(tmp_path: Path) -> None:
 def test_datalist_outside_dataset_folder_uses_absolute_paths(tmp_path: Path) -> None:
     root = write_folder(tmp_path / "ds", n_cases=4)
     out = tmp_path / "elsewhere" / "dl.json"
-    ensure_datalist(root, out, num_val=1, num_test=1, labeled_counts=(1,))
+    prepare_datalist(root, out, num_val=1, num_test=1, labeled_counts=(1,))
     raw = json.loads(out.read_text())
     assert all(Path(e["image"]).is_absolute() for e in raw["training"])
 

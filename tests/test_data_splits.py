@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from bundle.data.checks import DataCheckError
-from bundle.data.datalist import build_datalist, ensure_datalist, load_split, write_datalist
+from bundle.data.datalist import DatalistOptions, build_datalist, load_split, prepare_datalist, write_datalist
 from bundle.data.splits import check_splits, choose_labeled, file_hash, resolve_count, split_by_patient
 
 SPLITS = ("training", "validation", "test")
@@ -135,8 +135,8 @@ def _write_pairs(root: Path, n: int, start: int = 0) -> None:
 def test_file_hash_recorded_and_changes_with_the_file_list(tmp_path: Path) -> None:
     _write_pairs(tmp_path, 6)
     kw = {"num_val": 1, "num_test": 1, "labeled_counts": (1, 2)}
-    a = build_datalist("folder", tmp_path, **kw)
-    b = build_datalist("folder", tmp_path, **kw)
+    a = build_datalist(tmp_path, DatalistOptions(kind="folder", **kw))
+    b = build_datalist(tmp_path, DatalistOptions(kind="folder", **kw))
     entries = [e for k in SPLITS for e in a[k]]
     assert a["file_hash"] == b["file_hash"] == file_hash(entries, tmp_path)
     lines = sorted(
@@ -147,21 +147,21 @@ def test_file_hash_recorded_and_changes_with_the_file_list(tmp_path: Path) -> No
     assert a["file_hash"] == hashlib.sha256("\n".join(lines).encode()).hexdigest()  # reference written out here
     assert a["split_hash"] == b["split_hash"]
     _write_pairs(tmp_path, 1, start=6)  # one more scan
-    c = build_datalist("folder", tmp_path, **kw)
+    c = build_datalist(tmp_path, DatalistOptions(kind="folder", **kw))
     assert c["file_hash"] != a["file_hash"]
-    assert build_datalist("folder", tmp_path, split_seed=1, **kw)["split_hash"] != c["split_hash"]
+    assert build_datalist(tmp_path, DatalistOptions(kind="folder", split_seed=1, **kw))["split_hash"] != c["split_hash"]
     # the hash is over paths relative to the dataset root + sizes: a copy of the dataset elsewhere hashes the same
     shutil.copytree(tmp_path / "images", tmp_path / "copy" / "images")
     shutil.copytree(tmp_path / "masks", tmp_path / "copy" / "masks")
-    assert build_datalist("folder", tmp_path / "copy", **kw)["file_hash"] == c["file_hash"]
+    assert build_datalist(tmp_path / "copy", DatalistOptions(kind="folder", **kw))["file_hash"] == c["file_hash"]
     # a datalist of ours passes straight through: same splits, labeled subsets and hashes
-    again = build_datalist("datalist", write_datalist(c, tmp_path / "out" / "dl.json"), **kw)
+    again = build_datalist(write_datalist(c, tmp_path / "out" / "dl.json"), DatalistOptions(kind="datalist", **kw))
     assert all(again[k] == c[k] for k in ("training", "validation", "test", "labeled", "file_hash", "split_hash"))
 
 
 def test_load_split_labeled_and_pretraining_views(tmp_path: Path) -> None:
     _write_pairs(tmp_path / "ds", 10)
-    path = ensure_datalist(tmp_path / "ds", tmp_path / "dl.json", num_val=2, num_test=2, seeds=(0, 1))
+    path = prepare_datalist(tmp_path / "ds", tmp_path / "dl.json", num_val=2, num_test=2, seeds=(0, 1))
     raw = json.loads(Path(path).read_text())
     train = load_split(path, "training")
     assert len(train) == 6 and all(Path(e["image"]).is_absolute() and "label" in e for e in train)
@@ -187,7 +187,7 @@ def test_load_split_labeled_and_pretraining_views(tmp_path: Path) -> None:
 
 def test_load_split_rejects_a_hand_edited_leak(tmp_path: Path) -> None:
     _write_pairs(tmp_path / "ds", 6)
-    dl = build_datalist("folder", tmp_path / "ds", num_val=1, num_test=1, labeled_counts=(1,))
+    dl = build_datalist(tmp_path / "ds", DatalistOptions(kind="folder", num_val=1, num_test=1, labeled_counts=(1,)))
     dl["test"].append(dl["training"][0])
     path = write_datalist(dl, tmp_path / "dl.json")
     with pytest.raises(DataCheckError, match="is in both 'training' and 'test'"):

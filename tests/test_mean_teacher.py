@@ -10,13 +10,8 @@ import torch
 from ignite.engine import Engine
 from torch import nn
 
-from bundle.handlers.mean_teacher import (
-    ConsistencyWeight,
-    EMATeacher,
-    MeanTeacherHandler,
-    sigmoid_rampup,
-    softmax_mse_consistency,
-)
+from bundle.handlers import EMATeacher, MeanTeacherHandler
+from bundle.losses import ConsistencyWeight, sigmoid_rampup, softmax_mse_consistency
 
 
 def _linear(weight: list[float], bias: float) -> nn.Linear:

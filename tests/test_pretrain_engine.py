@@ -7,7 +7,15 @@ import torch
 from ignite.engine import Events
 from monai.engines.utils import IterationEvents
 
-from bundle.engines import NonFiniteLossError, PretrainTrainer, trainable_parameters, transform_seed
+from bundle.engines import (
+    MEAN_TEACHER_SALT,
+    PRETRAIN_SALT,
+    NonFiniteLossError,
+    PretrainTrainer,
+    derived_seed,
+    trainable_parameters,
+    transform_seed,
+)
 from bundle.losses import PretrainingObjective
 from bundle.networks import DenseClusterHead, DenseProjectionHead, FeatureUNet, GlobalProjectionHead
 from bundle.transforms import EquivariantTransform
@@ -118,6 +126,13 @@ def test_transform_seed_is_a_pure_function_of_seed_and_iteration():
     assert len({transform_seed(s, i) for s in range(3) for i in range(100)}) == 300
 
 
+def test_each_trainer_draws_its_own_seed_stream_and_the_values_never_change():
+    # the integers of runs made before the two trainers shared derived_seed: (seed * 1000003 + it * 7919 + salt)
+    assert [transform_seed(s, i) for s, i in ((0, 0), (1, 2), (5, 1000))] == [17, 1015858, 12919032]
+    assert [derived_seed(s, i, MEAN_TEACHER_SALT) for s, i in ((0, 0), (1, 2), (5, 1000))] == [29, 1015870, 12919044]
+    assert transform_seed(3, 7) == derived_seed(3, 7, PRETRAIN_SALT) != derived_seed(3, 7, MEAN_TEACHER_SALT)
+
+
 def test_missing_head_for_active_term_raises():
     objective = PretrainingObjective.from_variant("ours")
     with pytest.raises(ValueError, match="global_head"):
@@ -136,7 +151,7 @@ def test_missing_head_for_active_term_raises():
 def test_monitor_warns_on_collapse_and_writes_pictures(tmp_path, caplog):
     import logging
 
-    from bundle.handlers.monitor import PretrainMonitor
+    from bundle.handlers import PretrainMonitor
 
     monitor = PretrainMonitor(log_dir=tmp_path, log_interval=1, image_interval=1, collapse_fraction=0.5)
     b, k, s = 2, 4, 16
@@ -188,7 +203,7 @@ def test_views_under_autocast_feed_half_precision_features_to_the_heads(variant)
 def test_monitor_warns_when_mi_stalls_after_warmup_only(caplog):
     import logging
 
-    from bundle.handlers.monitor import PretrainMonitor
+    from bundle.handlers import PretrainMonitor
 
     b, k, s = 2, 4, 8
     uniform = torch.full((1, b, k, s, s), 1.0 / k)  # MI exactly 0, marginal entropy log K: no collapse, no cluster

@@ -3,6 +3,7 @@ unlabeled-only folder pre-trains end to end."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from bundle.data.checks import DataCheckError
-from bundle.data.datalist import build_datalist, ensure_datalist, load_split, pretraining_entries
+from bundle.data.datalist import DatalistOptions, build_datalist, load_split, prepare_datalist, pretraining_entries
 from bundle.data.sources import find_folder, find_images, find_msd
 from tests.test_data_sources import write_folder, write_msd
 
@@ -32,7 +33,7 @@ def test_a_folder_without_masks_is_a_folder_of_unlabeled_scans(tmp_path: Path) -
     (root / "notes.txt").write_text("not an image")
     src = find_folder(root)
     assert src.entries == [] and [e["scan_id"] for e in src.unlabeled] == ["a/scan", "b/scan", "c"]
-    dl = build_datalist("folder", root)
+    dl = build_datalist(root, DatalistOptions(kind="folder"))
     assert dl["training"] == dl["validation"] == dl["test"] == [] and dl["labeled"] == {}
     assert [Path(e["image"]).relative_to(root).as_posix() for e in dl["unlabeled"]] == [
         "a/scan.nii.gz", "b/scan.nii.gz", "c.nii.gz"]
@@ -55,7 +56,7 @@ def test_msd_test_images_are_unlabeled(tmp_path: Path) -> None:
     (root / "dataset.json").write_text(json.dumps(meta))
     src = find_msd(root)
     assert [e["scan_id"] for e in src.unlabeled] == ["prostate_99"] and len(src.entries) == 6
-    dl = build_datalist("msd", root, num_val=1, num_test=1, labeled_counts=(1,), seeds=(0,))
+    dl = build_datalist(root, DatalistOptions(kind="msd", num_val=1, num_test=1, labeled_counts=(1,), seeds=(0,)))
     assert [e["scan_id"] for e in dl["unlabeled"]] == ["prostate_99"]
     assert all("prostate_99" not in (e["scan_id"] for e in dl[k]) for k in ("training", "validation", "test"))
 
@@ -75,7 +76,7 @@ def test_datalist_entries_without_label_join_pretraining_only(tmp_path: Path) ->
     path = tmp_path / "mine.json"
     path.write_text(json.dumps({"training": [*labeled, {"image": "data/images/Case05.nii.gz"}],
                                 "unlabeled": ["data/images/Case06.nii.gz"]}))
-    out = Path(ensure_datalist(path, tmp_path / "dl.json", num_val=1, num_test=1, labeled_counts=(1, 2),
+    out = Path(prepare_datalist(path, tmp_path / "dl.json", num_val=1, num_test=1, labeled_counts=(1, 2),
                                seeds=(0, 1)))
     assert [e["scan_id"] for e in load_split(out, "unlabeled")] == ["Case06", "Case05"]  # listed, then label-less
     training = [e["scan_id"] for e in load_split(out, "training")]
@@ -90,23 +91,24 @@ def test_unlabeled_dir_adds_to_a_labeled_dataset_and_must_match_later(tmp_path: 
     root = write_folder(tmp_path / "ds", n_cases=6)
     extra = _images_only(tmp_path / "extra", ["u1.nii.gz", "deep/u2.nii.gz"], root / "images" / "Case00.nii.gz")
     out = tmp_path / "dl.json"
-    ensure_datalist(root, out, num_val=1, num_test=1, labeled_counts=(1,), seeds=(0,), unlabeled_dir=extra)
+    prepare_datalist(root, out, num_val=1, num_test=1, labeled_counts=(1,), seeds=(0,), unlabeled_dir=extra)
     assert [e["scan_id"] for e in load_split(out, "unlabeled")] == ["deep/u2", "u1"]
     assert len(pretraining_entries(out)) == 4 + 2
-    assert ensure_datalist(root, out) == str(out)  # fine-tuning passes no unlabeled_dir: accepted
+    assert prepare_datalist(root, out) == str(out)  # fine-tuning passes no unlabeled_dir: accepted
     with pytest.raises(DataCheckError, match="other unlabeled scans"):
-        ensure_datalist(root, out, unlabeled_dir=tmp_path)  # another folder: refused, named
+        prepare_datalist(root, out, unlabeled_dir=tmp_path)  # another folder: refused, named
 
 
 def test_an_unlabeled_copy_of_an_evaluation_scan_is_a_leak(tmp_path: Path) -> None:
     root = write_folder(tmp_path / "ds", n_cases=6)
-    dl = build_datalist("folder", root, num_val=1, num_test=1, labeled_counts=(1,), seeds=(0,))
+    options = DatalistOptions(kind="folder", num_val=1, num_test=1, labeled_counts=(1,), seeds=(0,))
+    dl = build_datalist(root, options)
     test_image = Path(dl["test"][0]["image"])
     extra = tmp_path / "extra"
     extra.mkdir()
     (extra / test_image.name).symlink_to(test_image)  # the same file reached through another folder
     with pytest.raises(DataCheckError, match=r"scan_id .* is in both 'test' and 'unlabeled'"):
-        build_datalist("folder", root, num_val=1, num_test=1, labeled_counts=(1,), seeds=(0,), unlabeled_dir=extra)
+        build_datalist(root, dataclasses.replace(options, unlabeled_dir=extra))
 
 
 def test_bad_unlabeled_files_are_named(tmp_path: Path) -> None:
@@ -115,7 +117,8 @@ def test_bad_unlabeled_files_are_named(tmp_path: Path) -> None:
     extra.mkdir()
     (extra / "broken.nii.gz").write_bytes(b"not a nifti file")
     with pytest.raises(DataCheckError, match=r"broken.nii.gz: unreadable or corrupt"):
-        build_datalist("folder", root, num_val=1, num_test=1, labeled_counts=(1,), seeds=(0,), unlabeled_dir=extra)
+        build_datalist(root, DatalistOptions(kind="folder", num_val=1, num_test=1, labeled_counts=(1,), seeds=(0,),
+                                             unlabeled_dir=extra))
     with pytest.raises(DataCheckError, match="missing folder of unlabeled images"):
         find_images(tmp_path / "absent")
 
@@ -123,7 +126,7 @@ def test_bad_unlabeled_files_are_named(tmp_path: Path) -> None:
 def test_fine_tuning_on_an_unlabeled_only_dataset_says_why(tmp_path: Path) -> None:
     pairs = write_folder(tmp_path / "pairs", n_cases=2)
     root = _images_only(tmp_path / "raw", ["a.nii.gz", "b.nii.gz"], pairs / "images" / "Case00.nii.gz")
-    out = Path(ensure_datalist(root, tmp_path / "dl.json"))
+    out = Path(prepare_datalist(root, tmp_path / "dl.json"))
     with pytest.raises(DataCheckError, match="empty 'training' split \\(it holds 2 unlabeled scans only\\)"):
         load_split(out, "training", labeled_seed=0, num_labeled=1)
 

@@ -25,8 +25,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,17 +34,19 @@ import nibabel as nib
 import numpy as np
 
 from bundle.data.checks import DataCheckError, check_entries
-from bundle.data.sources import SourceScans, detect_source_kind, find_images, find_scans, nifti_stem
+from bundle.data.sources import SourceScans, find_images, find_scans, nifti_stem
 from bundle.data.splits import check_splits, choose_labeled, file_hash, split_by_patient, split_hash
+from bundle.files import atomic_path
 
 __all__ = [
-    "prepare_datalist",
     "DATALIST_VERSION",
+    "DatalistOptions",
     "build_datalist",
-    "ensure_datalist",
     "infer_num_classes",
+    "labeled_subset",
     "load_datalist",
     "load_split",
+    "prepare_datalist",
     "pretraining_entries",
     "write_datalist",
 ]
@@ -76,31 +78,15 @@ def _as_int_list(values: Sequence[int] | int | str, name: str) -> list[int]:
     return out
 
 
-def build_datalist(
-    kind: str,
-    root: str | Path,
-    seeds: Sequence[int] = (0, 1, 2),
-    labeled_counts: Sequence[int] = (1, 2, 4),
-    num_val: float | int = 0.1,
-    num_test: float | int = 0.2,
-    split_seed: int = 0,
-    num_classes: int | None = None,
-    channel: int | None = None,
-    image_pattern: str | None = None,
-    label_pattern: str | None = None,
-    patient_regex: str | None = None,
-    check: bool = True,
-    unlabeled_dir: str | Path | None = None,
-) -> dict[str, Any]:
-    """Find the scans of a dataset, split them, choose the labeled subsets, check everything; absolute paths.
+@dataclass(frozen=True)
+class DatalistOptions:
+    """How a dataset on disk becomes a datalist: its layout, the split and the labeled subsets recorded.
 
-    Unlabeled scans (those the source has without labels, and every image below ``unlabeled_dir``) go to the
-    ``"unlabeled"`` pool: pre-training reads them with the training split; they never join a labeled subset or an
-    evaluation split. A source with unlabeled scans only gives empty splits (pre-training only).
+    The one set of datalist settings, shared by :func:`build_datalist`, :func:`prepare_datalist` (the configs' entry
+    point) and ``scripts/make_datalist.py`` (the command line).
 
     Args:
         kind: ``"acdc"``, ``"msd"``, ``"folder"``, ``"datalist"`` or ``"auto"`` (see :mod:`bundle.data.sources`).
-        root: dataset folder (or datalist JSON file).
         seeds: seeds for which labeled subsets are recorded.
         labeled_counts: numbers of labeled scans recorded per seed (nested sets).
         num_val: validation scans (count, or fraction of all scans); ignored when the source has a validation split.
@@ -115,13 +101,50 @@ def build_datalist(
         unlabeled_dir: a folder of unlabeled images (NIfTI files at any depth) added to the pre-training pool.
 
     Raises:
+        ValueError: when ``seeds`` or ``labeled_counts`` is not a list of integers (a JSON string of one is read).
+
+    Example:
+        >>> build_datalist("/data/prostate", DatalistOptions(kind="folder", num_val=2, seeds=(0,)))  # doctest: +SKIP
+    """
+
+    kind: str = "auto"
+    seeds: Sequence[int] = (0, 1, 2)
+    labeled_counts: Sequence[int] = (1, 2, 4)
+    num_val: float | int = 0.1
+    num_test: float | int = 0.2
+    split_seed: int = 0
+    num_classes: int | None = None
+    channel: int | None = None
+    image_pattern: str | None = None
+    label_pattern: str | None = None
+    patient_regex: str | None = None
+    check: bool = True
+    unlabeled_dir: str | os.PathLike | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "seeds", tuple(_as_int_list(self.seeds, "seeds")))
+        object.__setattr__(self, "labeled_counts", tuple(_as_int_list(self.labeled_counts, "labeled_counts")))
+
+
+def build_datalist(root: str | Path, options: DatalistOptions = DatalistOptions()) -> dict[str, Any]:
+    """Find the scans of a dataset, split them, choose the labeled subsets, check everything; absolute paths.
+
+    Unlabeled scans (those the source has without labels, and every image below ``options.unlabeled_dir``) go to the
+    ``"unlabeled"`` pool: pre-training reads them with the training split; they never join a labeled subset or an
+    evaluation split. A source with unlabeled scans only gives empty splits (pre-training only).
+
+    Args:
+        root: dataset folder (or datalist JSON file).
+        options: the layout, split and labeled-subset settings (see :class:`DatalistOptions`).
+
+    Raises:
         DataCheckError: for any problem in the layout, the files, the split sizes or the labeled counts.
     """
-    seeds = _as_int_list(seeds, "seeds")
-    counts = _as_int_list(labeled_counts, "labeled_counts")
-    src: SourceScans = find_scans(kind, root, channel, image_pattern, label_pattern, patient_regex)
-    if channel is None:
-        channel = src.channel
+    src: SourceScans = find_scans(
+        options.kind, root, options.channel, options.image_pattern, options.label_pattern, options.patient_regex
+    )
+    channel = src.channel if options.channel is None else options.channel
+    unlabeled_dir = options.unlabeled_dir
     unlabeled = [dict(e) for e in src.unlabeled] + (find_images(unlabeled_dir) if unlabeled_dir is not None else [])
     intact = bool(src.splits and src.splits.get("validation") and src.splits.get("test"))
     if not src.entries:  # unlabeled scans only: pre-training, nothing to fine-tune or evaluate
@@ -133,28 +156,29 @@ def build_datalist(
         given = {k: v for k, v in src.splits.items() if v}
         carved = split_by_patient(
             given["training"],
-            num_val=0 if "validation" in given else num_val,
-            num_test=0 if "test" in given else num_test,
-            seed=split_seed,
+            num_val=0 if "validation" in given else options.num_val,
+            num_test=0 if "test" in given else options.num_test,
+            seed=options.split_seed,
         )
         splits = {k: given.get(k) or carved[k] for k in SPLITS}
         splits["training"] = carved["training"]
     else:
-        splits = split_by_patient(src.entries, num_val, num_test, split_seed)
+        splits = split_by_patient(src.entries, options.num_val, options.num_test, options.split_seed)
     all_entries = [e for k in SPLITS for e in splits[k]]
+    num_classes = options.num_classes
     if num_classes is None:
         num_classes = src.num_classes if src.num_classes is not None or not all_entries else infer_num_classes(
             all_entries)
     if not all_entries:
         labeled: dict[str, dict[str, list[str]]] = {}
-    elif intact and src.labeled and _same_recorded(src.labeled, seeds, counts):
+    elif intact and src.labeled and _same_recorded(src.labeled, options.seeds, options.labeled_counts):
         labeled = src.labeled  # a datalist of ours passes straight through, its labeled subsets included
     else:
-        labeled = choose_labeled(splits["training"], seeds, counts)
+        labeled = choose_labeled(splits["training"], options.seeds, options.labeled_counts)
     check_splits({**splits, "unlabeled": unlabeled}, labeled, name=str(root))
-    if check and all_entries:
+    if options.check and all_entries:
         check_entries(all_entries, num_classes=int(num_classes), require_label=True, channel=channel, name="scans")
-    if check and unlabeled:
+    if options.check and unlabeled:
         check_entries(unlabeled, num_classes=None, require_label=False, channel=channel, name="unlabeled scans")
     # root: where the scans were found (an ACDC folder's training/, a datalist JSON's folder); dataset_dir: what the
     # user passed, the value a later command compares against
@@ -175,7 +199,7 @@ def build_datalist(
         "source": source,
         "file_hash": file_hash(all_entries + unlabeled),
         "split_hash": split_hash(splits, labeled),
-        "split_seed": int(split_seed),
+        "split_seed": int(options.split_seed),
         "seeds": sorted(int(s) for s in labeled),
         "labeled_counts": sorted({int(c) for d in labeled.values() for c in d}),
         "version": DATALIST_VERSION,
@@ -198,26 +222,14 @@ def _relative(path: str, folder: Path) -> str:
 def write_datalist(datalist: Mapping[str, Any], path: str | Path) -> Path:
     """Write ``datalist`` atomically to ``path`` (paths inside its folder made relative to it); return the path."""
     path = Path(path).expanduser().resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
     out = dict(datalist)
     for key in POOLS:
         out[key] = []
         for e in datalist.get(key, []):
             rel = {k: _relative(e[k], path.parent) for k in ("image", "label") if isinstance(e.get(k), str)}
             out[key].append({**e, **rel})
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would hide the datalist from the other users of a bundle
-        with os.fdopen(fd, "w") as f:
-            json.dump(out, f, indent=4)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(out, indent=4) + "\n")
     return path
 
 
@@ -358,139 +370,95 @@ def labeled_subset(entries: Sequence[Mapping[str, Any]], limit: int | None = Non
     return out if limit is None else out[: int(limit)]
 
 
-def ensure_datalist(
-    dataset_dir: str | Path,
-    datalist_path: str | Path,
-    kind: str = "auto",
-    seeds: Sequence[int] = (0, 1, 2),
-    labeled_counts: Sequence[int] = (1, 2, 4),
-    num_val: float | int = 0.1,
-    num_test: float | int = 0.2,
-    split_seed: int = 0,
-    num_classes: int | None = None,
-    channel: int | None = None,
-    image_pattern: str | None = None,
-    label_pattern: str | None = None,
-    patient_regex: str | None = None,
-    check: bool = True,
-    unlabeled_dir: str | Path | None = None,
-) -> str:
-    """Return ``datalist_path``, building it from ``dataset_dir`` first if it does not exist yet.
-
-    ``unlabeled_dir`` (a folder of unlabeled images for pre-training) must match the one an existing datalist was
-    built with; ``None`` accepts whatever it holds (fine-tuning and evaluation do not read the unlabeled pool).
-
-    An existing datalist is used as it is (its splits must be leak-free and every file it lists must exist; files
-    are not re-read). Otherwise the source kind of
-    ``dataset_dir`` is detected (``kind="auto"``: MSD / ACDC / datalist JSON / folder of pairs), the datalist is
-    built with :func:`build_datalist` (every file checked) and written atomically. Meant for a config's
-    ``initialize`` section, e.g. ``"$bundle.data.datalist.ensure_datalist(@dataset_dir, @datalist)"``.
-
-    Raises:
-        DataCheckError: for every problem found in the data or the existing datalist.
-    """
-    path = Path(datalist_path).expanduser()
-    if path.is_file():
-        data = load_datalist(path)
-        source = data.get("source") or {}
-        recorded = source.get("dataset_dir", source.get("root"))
-        accepted = {Path(p).resolve() for p in (source.get("dataset_dir"), source.get("root")) if p is not None}
-        if recorded is not None and Path(dataset_dir).expanduser().resolve() not in accepted:
+def _check_existing(path: Path, dataset_dir: str | os.PathLike, options: DatalistOptions) -> None:
+    """Refuse an existing datalist built from another dataset, other unlabeled scans or another split seed, or one
+    that lists missing files (files are not re-read)."""
+    data = load_datalist(path)
+    source = data.get("source") or {}
+    recorded = source.get("dataset_dir", source.get("root"))
+    accepted = {Path(p).resolve() for p in (source.get("dataset_dir"), source.get("root")) if p is not None}
+    if recorded is not None and Path(dataset_dir).expanduser().resolve() not in accepted:
+        raise DataCheckError(
+            [
+                f"{path}: built from {recorded}, not from dataset_dir {dataset_dir}; pass --datalist <new file> "
+                "for this dataset (or delete the old datalist)"
+            ],
+            header="datalist belongs to another dataset",
+        )
+    if options.unlabeled_dir is not None:
+        wanted = str(Path(options.unlabeled_dir).expanduser().resolve())
+        if source.get("unlabeled_dir") != wanted:
+            built = f"with unlabeled_dir {source['unlabeled_dir']}" if source.get("unlabeled_dir") else (
+                "without unlabeled_dir")
             raise DataCheckError(
-                [
-                    f"{path}: built from {recorded}, not from dataset_dir {dataset_dir}; pass --datalist <new file> "
-                    "for this dataset (or delete the old datalist)"
-                ],
-                header="datalist belongs to another dataset",
+                [f"{path}: built {built}, not with {wanted}; pass --datalist <new file> (or delete the old one)"],
+                header="datalist was built with other unlabeled scans",
             )
-        if unlabeled_dir is not None:
-            wanted = str(Path(unlabeled_dir).expanduser().resolve())
-            if source.get("unlabeled_dir") != wanted:
-                built = f"with unlabeled_dir {source['unlabeled_dir']}" if source.get("unlabeled_dir") else (
-                    "without unlabeled_dir")
-                raise DataCheckError(
-                    [f"{path}: built {built}, not with {wanted}; pass --datalist <new file> (or delete the old one)"],
-                    header="datalist was built with other unlabeled scans",
-                )
-        if int(data.get("split_seed", split_seed)) != int(split_seed):
-            raise DataCheckError(
-                [f"{path}: recorded split_seed {data.get('split_seed')} differs from the requested {split_seed}"],
-                header="datalist was split with another seed",
-            )
-        missing = [
-            f"{e[k]}: missing file (listed in {path}, split '{split}')"
-            for split in POOLS
-            for e in data[split]
-            for k in ("image", "label")
-            if k in e and not Path(e[k]).is_file()
-        ]
-        if missing:
-            raise DataCheckError(missing, header=f"datalist {path} lists missing files")
-        return str(path)
-    if kind == "auto":
-        kind = detect_source_kind(dataset_dir)
-    datalist = build_datalist(
-        kind,
-        dataset_dir,
-        seeds=seeds,
-        labeled_counts=labeled_counts,
-        num_val=num_val,
-        num_test=num_test,
-        split_seed=split_seed,
-        num_classes=num_classes,
-        channel=channel,
-        image_pattern=image_pattern,
-        label_pattern=label_pattern,
-        patient_regex=patient_regex,
-        check=check,
-        unlabeled_dir=unlabeled_dir,
-    )
-    return str(write_datalist(datalist, path))
+    if int(data.get("split_seed", options.split_seed)) != int(options.split_seed):
+        raise DataCheckError(
+            [f"{path}: recorded split_seed {data.get('split_seed')} differs from the requested {options.split_seed}"],
+            header="datalist was split with another seed",
+        )
+    missing = [
+        f"{e[k]}: missing file (listed in {path}, split '{split}')"
+        for split in POOLS
+        for e in data[split]
+        for k in ("image", "label")
+        if k in e and not Path(e[k]).is_file()
+    ]
+    if missing:
+        raise DataCheckError(missing, header=f"datalist {path} lists missing files")
 
 
 def prepare_datalist(
     dataset_dir: str | os.PathLike,
     datalist: str | os.PathLike,
-    num_classes: int | None = None,
-    split_seed: int = 0,
-    channel: int | None = None,
     generate_if_missing: bool = False,
     synthetic_patients: int = 100,
     synthetic_seed: int = 0,
-    unlabeled_dir: str | os.PathLike | None = None,
+    **options: Any,
 ) -> str:
     """Return the path of the datalist shared by every config, creating the data and the datalist if needed.
 
-    When ``dataset_dir`` does not exist and ``generate_if_missing`` is set, the synthetic ACDC dataset is written
-    there first (:func:`bundle.data.synthetic.generate_synthetic_acdc`). An existing datalist file is used as it
-    is (its splits are checked), so pre-training, fine-tuning and evaluation see the same split; otherwise it is built
-    from ``dataset_dir`` (:func:`bundle.data.datalist.ensure_datalist`, every file checked).
+    An existing datalist file is used as it is, so pre-training, fine-tuning and evaluation see the same split: its
+    splits must be leak-free, every file it lists must exist (files are not re-read), and it must have been built
+    from ``dataset_dir`` with the same ``split_seed`` (and the same ``unlabeled_dir``, when one is given; ``None``
+    accepts whatever it holds: fine-tuning and evaluation do not read the unlabeled pool).
+
+    Otherwise, when ``dataset_dir`` does not exist and ``generate_if_missing`` is set, the synthetic ACDC dataset is
+    written there first (:func:`bundle.data.synthetic.generate_synthetic_acdc`); then the datalist is built from
+    ``dataset_dir`` with :func:`build_datalist` (``kind="auto"`` detects MSD / ACDC / datalist JSON / folder of pairs;
+    every file checked) and written atomically.
+
+    Meant for a config: ``"$bundle.data.datalist.prepare_datalist(@dataset_dir, @datalist, split_seed=@split_seed)"``.
 
     Args:
         dataset_dir: dataset folder (ACDC / Decathlon / folder of pairs / datalist JSON).
         datalist: path of the shared datalist JSON (``runs/datalist.json``).
-        num_classes: number of label classes; default: from the dataset layout.
-        split_seed: seed of the patient-level split.
-        channel: channel of 4D multi-channel images.
         generate_if_missing: write the synthetic ACDC dataset into a missing ``dataset_dir``.
         synthetic_patients: number of synthetic patients.
         synthetic_seed: seed of the synthetic dataset (independent of the training seed).
-        unlabeled_dir: a folder of unlabeled images added to pre-training (see :func:`build_datalist`).
+        options: fields of :class:`DatalistOptions` (``num_classes``, ``split_seed``, ``channel``,
+            ``unlabeled_dir``, ``seeds``, ``labeled_counts``, ...).
 
     Raises:
         FileNotFoundError: when ``dataset_dir`` does not exist, no datalist exists yet and nothing may be generated.
         DataCheckError: for any problem in the data or the datalist.
     """
-    from bundle.data.synthetic import generate_synthetic_acdc
-
-    if not Path(datalist).is_file() and not os.path.exists(dataset_dir):
+    settings = DatalistOptions(**options)
+    path = Path(datalist).expanduser()
+    if path.is_file():
+        _check_existing(path, dataset_dir, settings)
+        return str(path)
+    if not os.path.exists(dataset_dir):
         if not generate_if_missing:
             raise FileNotFoundError(
                 f"dataset_dir {str(dataset_dir)!r} does not exist and no datalist {str(datalist)!r} was built yet; "
                 "check the path, or pass --generate_if_missing True to write the synthetic ACDC data there."
             )
+        from bundle.data.synthetic import generate_synthetic_acdc
+
         msg = f"generating {synthetic_patients} synthetic ACDC patients (seed {synthetic_seed}) in {dataset_dir}"
         logging.getLogger(__name__).info(msg)
         generate_synthetic_acdc(dataset_dir, num_patients=int(synthetic_patients), seed=int(synthetic_seed))
-    return ensure_datalist(dataset_dir, datalist, num_classes=num_classes, split_seed=split_seed, channel=channel,
-                           unlabeled_dir=unlabeled_dir)
+    return str(write_datalist(build_datalist(dataset_dir, settings), path))

@@ -6,7 +6,9 @@
   scans, and from each one slice of every partition, so every meta-label of a batch has
   ``scans_per_batch >= 2`` members (positives for the supervised contrastive loss, paper eq. 10). Batch size is
   therefore ``scans_per_batch * num_partitions`` (paper: 6 scans x 3 partitions = 18 on ACDC; prostate 6 x 8 = 48).
-- :func:`make_pretrain_loader` builds the whole chain (cache -> slices -> sampler -> DataLoader) in one call.
+
+``configs/pretrain.json`` (``train#dataloader``) chains them: pre-processed volumes -> slices -> sampler ->
+``DataLoader``.
 
 Reproducibility: the sampler draws from ``np.random.default_rng([seed, epoch])`` and gives every item its own
 ``draw`` number; the dataset crops with ``np.random.default_rng([seed, draw, scan, slice])``. So batches and
@@ -16,24 +18,16 @@ crops depend only on (seed, epoch), not on worker count or scheduling, and no gl
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from monai.data import DataLoader, MetaTensor
-from torch.utils.data import Dataset, Sampler, default_collate
+from monai.data import MetaTensor
+from torch.utils.data import Dataset, Sampler
 
-from bundle.data.datalist import load_datalist, load_split
-from bundle.data.preprocessing import make_volume_dataset
+from bundle.data.sources import nifti_stem
 
-__all__ = [
-    "PartitionBatchSampler",
-    "PretrainSliceDataset",
-    "make_pretrain_loader",
-    "partition_slices",
-    "slice_partition",
-]
+__all__ = ["PartitionBatchSampler", "PretrainSliceDataset", "partition_slices", "slice_partition"]
 
 _DRAW_BOUND = 2**62
 
@@ -80,8 +74,7 @@ def _scan_id(item: Mapping[str, Any], index: int) -> str:
         return str(item["scan_id"])
     img = item.get("image")
     if isinstance(img, MetaTensor) and "filename_or_obj" in img.meta:
-        name = Path(str(img.meta["filename_or_obj"])).name
-        return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
+        return nifti_stem(str(img.meta["filename_or_obj"]))
     return str(index)
 
 
@@ -92,9 +85,10 @@ class PretrainSliceDataset(Dataset):
     :class:`PartitionBatchSampler`) seeds the crop, otherwise the dataset's epoch (:meth:`set_epoch`) does.
 
     Args:
-        volumes: pre-processed items with ``"image"`` of shape ``1,H,W,D`` (e.g. a MONAI ``CacheDataset`` built by
-            :func:`bundle.data.preprocessing.make_volume_dataset`); each is read once, at construction, and its image
-            kept as a plain float32 tensor (shared with forked DataLoader workers).
+        volumes: pre-processed items with ``"image"`` of shape ``1,H,W,D`` (e.g. a MONAI ``Dataset`` with
+            :func:`bundle.data.preprocessing.volume_transforms`, as ``configs/pretrain.json`` builds it); each is
+            read once, at construction, and its image kept as a plain float32 tensor (shared with forked DataLoader
+            workers).
         num_partitions: number of slice-position partitions P (paper: ACDC 3, prostate 8).
         crop_size: in-plane crop ``(h, w)``; must fit inside ``H, W``.
         seed: base seed of the crops.
@@ -256,77 +250,3 @@ class PartitionBatchSampler(Sampler[list[tuple[int, int, int]]]):
                     k = candidates[int(rng.integers(len(candidates)))]
                     batch.append((scan, k, int(draws[j, p])))
             yield batch
-
-
-def make_pretrain_loader(
-    data: Sequence[Mapping[str, Any]] | str | Path,
-    num_partitions: int,
-    crop_size: Sequence[int] = (224, 224),
-    scans_per_batch: int = 6,
-    iterations: int = 300,
-    seed: int = 0,
-    num_workers: int = 2,
-    pixdim: Sequence[float] = (1.0, 1.0),
-    spatial_size: Sequence[int] = (384, 384),
-    channel: int | None = None,
-    lower: float = 1.0,
-    upper: float = 99.0,
-    cache_num_workers: int | None = 1,
-    transform: Callable[[dict[str, Any]], Any] | None = None,
-    pin_memory: bool = False,
-    persistent_workers: bool = False,
-) -> DataLoader:
-    """Cache -> slices -> partition batches -> DataLoader, in one call (one ``_target_`` in a config).
-
-    Args:
-        data: a datalist JSON path (its training split is used, without labels), a list of entries with image
-            paths (pre-processed into a MONAI ``CacheDataset``, each volume decoded once), or already pre-processed
-            volumes (items whose ``"image"`` is a ``1,H,W,D`` tensor).
-        num_partitions: slice-position partitions P (paper: ACDC 3, prostate 8).
-        crop_size: random in-plane crop (paper: 224 x 224).
-        scans_per_batch: scans per batch; batch size = ``scans_per_batch * num_partitions``.
-        iterations: batches per epoch.
-        seed: seed of the sampler and the crops.
-        num_workers: DataLoader worker processes.
-        pixdim: in-plane spacing of the pre-processing (paper: 1.0 mm).
-        spatial_size: in-plane pad/crop size of the pre-processing (paper: 384).
-        channel: channel of 4D images (datalist path: default the datalist's ``"channel"``).
-        lower: lower normalisation percentile.
-        upper: upper normalisation percentile.
-        cache_num_workers: threads filling the cache.
-        transform: optional per-item callable (e.g. two augmented views), run in the workers.
-        pin_memory: DataLoader ``pin_memory``.
-        persistent_workers: DataLoader ``persistent_workers`` (needs ``num_workers > 0``).
-
-    Returns:
-        a MONAI ``DataLoader`` whose ``batch_sampler`` is a :class:`PartitionBatchSampler`; batches are dicts with
-        ``image`` ``B,1,h,w``, ``meta_label`` ``B``, ``scan_id`` (list), ``slice_index`` ``B``, ``scan_index`` ``B``.
-    """
-    volumes: Sequence[Mapping[str, Any]]
-    if isinstance(data, str | Path):
-        if channel is None:
-            channel = load_datalist(data).get("channel")
-        data = load_split(data, "training", with_labels=False)
-    if len(data) > 0 and isinstance(data[0].get("image"), str | Path):
-        volumes = make_volume_dataset(
-            [{k: v for k, v in e.items() if k != "label"} for e in data],
-            keys=("image",),
-            num_workers=cache_num_workers,
-            pixdim=pixdim,
-            spatial_size=spatial_size,
-            channel=channel,
-            lower=lower,
-            upper=upper,
-        )
-    else:
-        volumes = data
-    dataset = PretrainSliceDataset(volumes, num_partitions, crop_size=crop_size, seed=seed, transform=transform)
-    sampler = PartitionBatchSampler(dataset, scans_per_batch=scans_per_batch, iterations=iterations, seed=seed)
-    return DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        collate_fn=default_collate,  # plain tensors/ints/strings: torch's collate is ~10x faster than MONAI's
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        persistent_workers=persistent_workers and num_workers > 0,
-    )

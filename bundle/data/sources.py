@@ -25,6 +25,8 @@ Layouts (``kind``):
   ``"validation"``/``"test"`` lists); paths are resolved against the JSON's folder, as MONAI's
   ``load_decathlon_datalist`` does, and its splits (and ``"labeled"`` subsets, when present) are kept. Entries
   without ``"label"`` (in any list, or in an ``"unlabeled"`` list) are unlabeled.
+
+:func:`nifti_stem` (a NIfTI file's name without its extension) serves every reader and writer of the bundle.
 """
 
 from __future__ import annotations

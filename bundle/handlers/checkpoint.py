@@ -27,39 +27,19 @@ from ignite.engine import Engine, Events
 from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointSaver
 
+from bundle.files import atomic_path
+
 __all__ = ["AtomicCheckpointSaver", "TrainingStateCheckpoint", "NetworkExport", "atomic_save"]
 
 logger = logging.getLogger(__name__)
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to ``path`` through a temporary file in the same folder, so a crash never leaves half a file;
-    temporary files of this path left by killed processes are removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a run killed while writing this file
-        if stale != tmp and not _pid_alive(stale.name.rsplit("-", 1)[-1]):
-            stale.unlink(missing_ok=True)
-    try:
+    """``torch.save`` to ``path`` through :func:`bundle.files.atomic_path`, so a crash never leaves half a
+    file."""
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # only left when the write failed
-    return path
-
-
-def _pid_alive(pid: str) -> bool:
-    """Whether the process that owns a temporary file (its name ends with the pid) still runs."""
-    if not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's live process
-    return True
+    return Path(path)
 
 
 class _ReplaceFixedName(BaseSaveHandler):

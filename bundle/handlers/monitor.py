@@ -22,6 +22,7 @@ import logging
 import math
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +34,11 @@ __all__ = ["PretrainMonitor", "ProgressBar", "cluster_palette"]
 
 logger = logging.getLogger("bundle.pretrain")
 
-_COMPONENTS = ("loss", "mi", "cc", "con", "imsat", "dense_con")
+
+def _scalars(output: dict[str, Any]) -> dict[str, float]:
+    """The loss components an iteration's output holds: its 0-d tensors (``loss`` and one per active term of the
+    objective), in the objective's order."""
+    return {k: float(v) for k, v in output.items() if isinstance(v, torch.Tensor) and v.ndim == 0}
 
 
 def cluster_palette(k: int) -> np.ndarray:
@@ -114,7 +119,7 @@ class PretrainMonitor:
     def iteration_completed(self, engine: Engine) -> None:
         out = engine.state.output or {}
         it = engine.state.iteration
-        values = {k: float(out[k]) for k in _COMPONENTS if k in out}
+        values = _scalars(out)
         for k, v in values.items():
             self._sums[k] += v
         self._count += 1
@@ -136,7 +141,7 @@ class PretrainMonitor:
     def epoch_completed(self, engine: Engine) -> None:
         n = max(self._count, 1)
         means = {k: v / n for k, v in self._sums.items()}
-        parts = [f"{k}={means[k]:.4f}" for k in _COMPONENTS if k in means]
+        parts = [f"{k}={v:.4f}" for k, v in means.items()]
         lr = self._lr(engine)
         if lr is not None:
             parts.append(f"lr={lr:.3e}")

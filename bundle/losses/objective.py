@@ -1,4 +1,14 @@
-"""The unified pre-training objective (eq. 11) and the paper's ablation variants."""
+"""The unified pre-training objective (eq. 11), the paper's ablation variants, and the one-pass MI + CC inputs.
+
+- :class:`PretrainingObjective` and :data:`VARIANTS`: eq. (11) as a weighted sum of the losses of this package.
+- :func:`joint_and_entropy`: L_MI's joint and L_CC's entropy maps from one pass over the full-resolution cluster
+  probabilities.  When both terms are active the objective scores them through it
+  (:meth:`ClusterMutualInformationLoss.forward_joint`, :meth:`BoundaryCrossCorrelationLoss.forward_maps`) instead of
+  calling the two losses separately.  The values and gradients are the same (tested against the separate losses);
+  the difference is memory traffic: the probabilities ``M,B,K,H,W`` of each view are the largest tensors of a
+  pre-training step, and here each view's gradient is written once, over the forward's saved logarithm (the entropy
+  part, then the MI part added by one matrix product), instead of two full-size gradients that autograd then sums.
+"""
 
 from __future__ import annotations
 
@@ -9,18 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from bundle.losses.boundary import BoundaryCrossCorrelationLoss, sobel_edge_map
+from bundle.losses._kernels import JointEntropyFunction
+from bundle.losses.boundary import BoundaryCrossCorrelationLoss
 from bundle.losses.contrastive import DenseContrastiveLoss, MetaLabelContrastiveLoss
-from bundle.losses.fused import joint_and_entropy
-from bundle.losses.mutual_information import (
-    ClusterMutualInformationLoss,
-    IMSATLoss,
-    _fp32_region,
-    _mi_loss_from_joint,
-    _reduce_heads,
-)
+from bundle.losses.mutual_information import ClusterMutualInformationLoss, IMSATLoss
+from bundle.losses.utils import DEFAULT_LOG_EPS, batch_major, check_aligned, check_pair, fp32_region, pool_joints
 
-__all__ = ["PretrainingObjective", "VARIANTS"]
+__all__ = ["PretrainingObjective", "VARIANTS", "joint_and_entropy"]
 
 #: inputs each term needs (``mask``/``dense_mask`` are optional and not listed).
 TERM_INPUTS: dict[str, tuple[str, ...]] = {
@@ -101,8 +106,7 @@ class PretrainingObjective(nn.Module):
         mi_symmetric: bool = False,
     ) -> None:
         super().__init__()
-        if not 0.0 <= float(alpha) <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
+        self.mi = ClusterMutualInformationLoss(alpha=alpha, symmetric=mi_symmetric)  # checks alpha first
         weights = {
             "mi": mi_weight,
             "cc": cc_weight,
@@ -116,7 +120,6 @@ class PretrainingObjective(nn.Module):
         self.weights = {term: float(weight) for term, weight in weights.items()}
         if not any(self.weights.values()):
             raise ValueError("all loss weights are 0: at least one of mi/cc/con/imsat/dense_con must be > 0.")
-        self.mi = ClusterMutualInformationLoss(alpha=alpha, symmetric=mi_symmetric)
         self.cc = BoundaryCrossCorrelationLoss(window=cc_window, edge_power=cc_edge_power)
         self.con = MetaLabelContrastiveLoss(temperature=temperature)
         self.imsat = IMSATLoss(weight=imsat_lambda)
@@ -126,6 +129,12 @@ class PretrainingObjective(nn.Module):
     def active_terms(self) -> tuple[str, ...]:
         """Names of the terms with a weight > 0, in the order they are computed."""
         return tuple(term for term, weight in self.weights.items() if weight > 0.0)
+
+    @property
+    def required_inputs(self) -> frozenset[str]:
+        """The inputs of :meth:`forward` the active terms need (``p_hat``, ``p_tilde``, ``image``, ``z_a``, ``z_b``,
+        ``meta_labels``, ``dense_a``, ``dense_b``): what a trainer must compute, without spelling the terms."""
+        return frozenset(name for term in self.active_terms for name in TERM_INPUTS[term])
 
     @classmethod
     def from_variant(cls, name: str, **overrides: Any) -> PretrainingObjective:
@@ -225,17 +234,40 @@ class PretrainingObjective(nn.Module):
         self, p_hat: torch.Tensor, p_tilde: torch.Tensor, image: torch.Tensor, mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``self.mi(p_hat, p_tilde, mask)`` and ``self.cc((p_hat, p_tilde), image, mask)``, same values and
-        gradients, with one pass over the probabilities (:func:`bundle.losses.fused.joint_and_entropy`)."""
-        if p_hat.shape[-2:] != image.shape[-2:] or p_hat.shape[-4] != image.shape[0]:
-            raise ValueError(
-                f"p_hat (shape {tuple(p_hat.shape)}) and image (shape {tuple(image.shape)}) must share B, H and W."
-            )
+        gradients, with one pass over the probabilities (:func:`joint_and_entropy`)."""
+        check_aligned(p_hat, image, "p_hat")
         joint, count, ent_hat, ent_tilde, single = joint_and_entropy(p_hat, p_tilde, mask)
-        with _fp32_region(joint.device):
-            values = _mi_loss_from_joint(joint, self.mi.alpha, self.mi.eps, self.mi.symmetric)
-            values = torch.where(count > 0, values, torch.zeros_like(values))
-        mi = _reduce_heads(values, self.mi.reduction, single)
-        with torch.no_grad():
-            edge = sobel_edge_map(image, power=self.cc.edge_power)
-        cc = self.cc.forward_maps(edge, torch.cat([ent_hat, ent_tilde], dim=0), mask)
+        mi = self.mi.forward_joint(joint[0] if single else joint, count)
+        cc = self.cc.forward_maps(self.cc.edge_map(image), torch.cat([ent_hat, ent_tilde], dim=0), mask)
         return mi, cc
+
+
+def joint_and_entropy(
+    p_hat: torch.Tensor, p_tilde: torch.Tensor, mask: torch.Tensor | None = None, eps: float = DEFAULT_LOG_EPS
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """The MI joint (eq. 3) and both views' per-pixel cluster entropies in one pass, in fp32.
+
+    Args:
+        p_hat, p_tilde: cluster probabilities ``B,K,H,W`` or ``M,B,K,H,W`` (same shape).
+        mask: optional validity mask ``B,1,H,W`` (weights the joint; the entropy maps are returned for every pixel,
+            the CC loss applies the mask itself).
+        eps: floor inside the logarithms (as :func:`bundle.losses.entropy_map`).
+
+    Returns:
+        ``(joint M,K,K normalised by the valid-pixel count, count (0-d), entropy of p_hat M,B,1,H,W, entropy of
+        p_tilde M,B,1,H,W, single)`` where ``single`` says the input had no head axis.
+
+    Raises:
+        ValueError: as :class:`bundle.losses.ClusterMutualInformationLoss`.
+    """
+    heads_hat, heads_tilde, mask, single = check_pair(p_hat, p_tilde, mask)
+    n_heads, batch, _, height, width = heads_hat.shape
+    with fp32_region(heads_hat.device):
+        a, b, weights, count = batch_major(heads_hat, heads_tilde, mask)
+        joints, ent_a, ent_b = JointEntropyFunction.apply(a, b, weights, float(eps))
+        joint = pool_joints(joints, n_heads, count)
+
+        def maps(ent: torch.Tensor) -> torch.Tensor:
+            return ent.view(batch, n_heads, 1, height, width).transpose(0, 1)
+
+        return joint, count, maps(ent_a), maps(ent_b), single
