@@ -6,11 +6,18 @@ slices, ...) is reported as one ``ValueError`` listing every problem, before dat
 
 from __future__ import annotations
 
+import ast
+import difflib
+import json
 import logging
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-__all__ = ["check_pretrain_options", "check_finetune_options", "flag"]
+from monai.bundle import ConfigParser
+
+__all__ = ["check_command_line_ids", "check_finetune_options", "check_pretrain_options", "flag", "unknown_override_ids"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,20 +80,17 @@ def check_pretrain_options(
             a crop larger than the pre-processed in-plane size, crop sizes not divisible by 16, bad widths,
             non-positive batch / epoch / iteration counts, or warm-up longer than training.
     """
-    from bundle.losses import VARIANTS as variants
+    from bundle.losses import PretrainingObjective
 
     problems: list[str] = []
-    if variant not in variants:
-        problems.append(f"variant {variant!r} is unknown; valid variants: {', '.join(sorted(variants))}")
+    try:  # the objective owns the rules of its own options (variant, alpha, weights)
+        PretrainingObjective.from_variant(variant, alpha=alpha, **weights)
+    except (ValueError, TypeError) as error:
+        problems.append(str(error).rstrip("."))
     if not isinstance(num_clusters, int) or num_clusters < 2:
         problems.append(f"num_clusters (K) must be an integer >= 2, got {num_clusters!r}")
     if not isinstance(num_heads, int) or num_heads < 1:
         problems.append(f"num_heads must be an integer >= 1, got {num_heads!r}")
-    if not 0.0 <= float(alpha) <= 1.0:
-        problems.append(f"alpha must lie in [0, 1], got {alpha!r}")
-    for name, w in weights.items():
-        if float(w) < 0:
-            problems.append(f"{name} must be >= 0, got {w!r}")
     crop = _pair(crop_size, "crop_size", problems)
     size = _pair(spatial_size, "spatial_size", problems)
     if crop and size and (crop[0] > size[0] or crop[1] > size[1]):
@@ -136,3 +140,94 @@ def check_finetune_options(
             problems.append(f"{name} must be a positive integer, got {v!r}")
     if problems:
         raise _fail("invalid fine-tuning options:\n  - " + "\n  - ".join(problems))
+
+
+#: arguments of ``monai.bundle run`` itself, not config ids.
+_RUN_ARGUMENTS = {"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file"}
+#: ids MONAI adds with ``--tracking`` (``monai.bundle.utils.DEFAULT_EXP_MGMT_SETTINGS``'s top-level configs).
+_TRACKING_IDS = {"output_dir", "tracking_uri", "experiment_name", "run_name", "save_execute_config", "execute_config"}
+
+
+def _literal(text: str) -> Any:
+    """A command-line value as fire reads it (a Python literal where it parses, the string otherwise)."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _run_overrides(argv: Sequence[str]) -> dict[str, Any] | None:
+    """``{name: value}`` of the ``--name value`` / ``--name=value`` pairs of a ``monai.bundle run`` command line, or
+    None when ``argv`` is not one (``python -m monai.bundle run`` has argv[0] = ``.../monai/bundle/__main__.py``).
+    Names are spelled as fire reads them (``-`` as ``_``, ``::`` as ``#``)."""
+    if len(argv) < 2 or Path(argv[0]).parts[-3:] != ("monai", "bundle", "__main__.py") or argv[1] != "run":
+        return None
+    pairs: dict[str, Any] = {}
+    tokens = list(argv[2:])
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if token.startswith("--"):
+            name, eq, value = token[2:].partition("=")
+            if not eq and i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+                value, i = tokens[i + 1], i + 1
+            pairs[name.replace("-", "_").replace("::", "#")] = _literal(value) if (eq or value) else True
+        i += 1
+    return pairs
+
+
+def _has_id(config: Any, parts: Sequence[str]) -> bool:
+    for part in parts:
+        if isinstance(config, dict) and part in config:
+            config = config[part]
+        elif isinstance(config, list) and part.lstrip("-").isdigit() and -len(config) <= int(part) < len(config):
+            config = config[int(part)]
+        else:
+            return False
+    return True
+
+
+def unknown_override_ids(argv: Sequence[str]) -> list[str]:
+    """The ids a ``python -m monai.bundle run`` command line overrides that none of its config files defines, each
+    with the closest defined id when there is one (``"num_cluster (did you mean num_clusters?)"``).
+
+    MONAI adds such an id silently and nothing reads it, so a typo trains with the default. Ids written with a
+    leading ``+`` (MONAI's merge), ids under ``_meta_``, the run's own arguments and, with ``--tracking``, the
+    tracking settings are accepted. An empty list for any other command line (MONAI Label, the Python API).
+    """
+    pairs = _run_overrides(argv)
+    if pairs is None:
+        return []
+    if "args_file" in pairs:
+        pairs = {**json.loads(Path(str(pairs["args_file"])).read_text()), **pairs}
+    if "config_file" not in pairs:
+        return []
+    config = ConfigParser.load_config_files(pairs["config_file"])
+    allowed = _RUN_ARGUMENTS | (_TRACKING_IDS if "tracking" in pairs else set())
+    unknown = []
+    for name in pairs:
+        parts = name.lstrip("+").split("#")
+        if name in allowed or parts[0] == "_meta_" or name.startswith("+") or _has_id(config, parts):
+            continue
+        parent = config
+        for part in parts[:-1]:
+            parent = parent.get(part, {}) if isinstance(parent, dict) else {}
+        close = difflib.get_close_matches(parts[-1], list(parent) if isinstance(parent, dict) else [], n=1)
+        unknown.append(name + (f" (did you mean {'#'.join([*parts[:-1], close[0]])}?)" if close else ""))
+    return unknown
+
+
+def check_command_line_ids(argv: Sequence[str] | None = None) -> None:
+    """Reject a ``monai.bundle run`` command line that overrides an id no config defines (see
+    :func:`unknown_override_ids`); the first item of every config's ``initialize``.
+
+    Args:
+        argv: the command line; ``sys.argv`` by default.
+
+    Raises:
+        ValueError: naming every unknown id and the closest known one.
+    """
+    unknown = unknown_override_ids(sys.argv if argv is None else argv)
+    if unknown:
+        raise _fail(f"unknown config id(s) on the command line: {', '.join(unknown)}. No config file defines "
+                    f"them, so MONAI would add them silently and nothing would read them.")

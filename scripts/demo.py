@@ -109,7 +109,6 @@ def main(
         "datalist": str(root / "datalist.json"),
         "num_classes": num_classes,
         "seed": seed,
-        "show_progress": False,
     }
     times: dict[str, float] = {}
     started = time.perf_counter()
@@ -122,6 +121,7 @@ def main(
         "output_dir": str(root / "pretrain"),
         "ckpt_dir": str(root / "models"),
         "resume": False,
+        "show_progress": False,
     }
     times["pretrain"] = _run("training", ["pretrain.json", "quick.json"], pretrain, log)
     print(_pretrain_health(root / "pretrain", log), flush=True)

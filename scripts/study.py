@@ -67,17 +67,19 @@ BUDGETS: dict[str, dict[str, Any]] = {
                    "crop_size": [32, 32], "num_workers": 0, "device": "$torch.device('cpu')", "amp": False},
         "pretrain": {"epochs": 1, "iterations": 2, "warmup_epochs": 0, "scans_per_batch": 2, "num_clusters": 6,
                      "num_heads": 1, "health_scans": 2},
-        "finetune": {"epochs": 2, "iterations": 2, "warmup_epochs": 0, "batch_size": 2, "sw_batch_size": 64,
-                     "mt_batch_size": 2},
+        "finetune": {"epochs": 2, "iterations": 2, "warmup_epochs": 0, "batch_size": 2, "sw_batch_size": 64},
+        "mean_teacher": {"mt_batch_size": 2},
     },
     "cpu": {  # the CPU evidence: configs/quick*.json, longer; ~25 min of pre-training, ~7 min a fine-tune (2 cores)
         "pretrain_overlay": ["quick.json"], "finetune_overlay": ["quick_finetune.json"],
         "common": {},
         "pretrain": {"epochs": 20, "iterations": 100, "log_interval": 20, "image_interval": 500},
         "finetune": {"epochs": 30, "iterations": 50},
+        "mean_teacher": {},
     },
     "paper": {  # the configs as shipped (the paper's settings; a GPU)
         "pretrain_overlay": [], "finetune_overlay": [], "common": {}, "pretrain": {}, "finetune": {},
+        "mean_teacher": {},
     },
 }
 
@@ -115,7 +117,7 @@ class Study:
     def common(self) -> dict[str, Any]:
         data = {"dataset_dir": self.dataset_dir} if self.dataset_dir else {}
         return {"bundle_root": str(REPO), **data, "datalist": str(self.datalist), "num_classes": self.num_classes,
-                "show_progress": False, **self.budget["common"]}
+                **self.budget["common"]}
 
     # -- steps -------------------------------------------------------------------------------------------------
     def pretrain(self, key: str, variant: str, settings: dict[str, Any]) -> dict[str, Any]:
@@ -123,7 +125,8 @@ class Study:
         done = folder / "done.json"
         if done.is_file():
             return json.loads(done.read_text())
-        overrides = {**self.common(), "num_partitions": self.num_partitions, **self.budget["pretrain"],
+        overrides = {**self.common(), "show_progress": False, "num_partitions": self.num_partitions,
+                     **self.budget["pretrain"],
                      "variant": variant, **settings, "seed": self.pretrain_seed, "output_dir": str(folder),
                      "ckpt_dir": str(folder / "models"), "state_path": str(folder / "trainer_state.pt"),
                      "resume": True, **self.extra.get("pretrain", {})}
@@ -140,7 +143,9 @@ class Study:
         if done.is_file():
             return json.loads(done.read_text())
         configs = ["train.json", *self.budget["finetune_overlay"]] + (["mean_teacher.json"] if mean_teacher else [])
-        overrides = {**self.common(), **self.budget["finetune"], "num_labeled": labeled, "labeled_seed": seed,
+        mean_teacher_overrides = self.budget["mean_teacher"] if mean_teacher else {}
+        overrides = {**self.common(), **self.budget["finetune"], **mean_teacher_overrides,
+                     "num_labeled": labeled, "labeled_seed": seed,
                      "seed": seed, "lr": lr, "output_dir": str(folder), "ckpt_dir": str(folder / "models"),
                      "pretrained_path": weights or "null", "pretrained_required": bool(weights),
                      **self.extra.get("finetune", {})}
@@ -318,14 +323,14 @@ def study(
               f"fine-tunes, {total - len(pretrainings) - len(finetunes)} evaluations.")
         return
     if dataset_dir is not None or not runner.datalist.is_file():
-        from bundle.data.datalist import ensure_datalist
+        from bundle.data.datalist import prepare_datalist
 
         source = dataset_dir or str(REPO / "data" / "synthetic_acdc")
         if dataset_dir is None and not Path(source).is_dir():
             from bundle.data.synthetic import generate_synthetic_acdc
 
             generate_synthetic_acdc(source, num_patients=100, seed=0)
-        ensure_datalist(source, runner.datalist, seeds=sorted(set(seed_list) | {0, 1, 2}),
+        prepare_datalist(source, runner.datalist, seeds=sorted(set(seed_list) | {0, 1, 2}),
                         labeled_counts=sorted(set(labeled_counts) | {1, 2, 4}), num_classes=num_classes)
         runner.dataset_dir = source
     step, started = 0, time.perf_counter()

@@ -120,10 +120,13 @@ def test_resume_after_interruption_reproduces_uninterrupted_run(bundle_workflow,
 @pytest.mark.parametrize(
     "override, message",
     [
-        ({"variant": "simclr"}, "variant 'simclr' is unknown"),
+        ({"variant": "simclr"}, "unknown variant 'simclr'; valid variants:"),
         ({"num_clusters": 1}, "num_clusters"),
-        ({"alpha": 1.5}, "alpha must lie in"),
+        ({"alpha": 1.5}, "alpha must be in [0, 1], got 1.5"),
+        ({"cc_weight": -1.0}, "cc_weight must be a finite number >= 0, got -1.0"),
+        ({"variant": "iic", "alpha": 0.3}, "variant 'iic' fixes alpha = 0.0; got alpha = 0.3"),
         ({"crop_size": [96, 96]}, "larger than the pre-processed"),
+        ({"alpha": 1.5, "num_clusters": 1}, "alpha must be in [0, 1], got 1.5\n  - num_clusters (K) must be"),
     ],
 )
 def test_bad_overrides_rejected_before_training(bundle_workflow, pretrain_overrides, override, message):
@@ -140,11 +143,11 @@ def test_a_file_corrupted_after_the_datalist_was_built_is_named_before_training(
     bundle_workflow, pretrain_overrides, tiny_acdc, tmp_path
 ):
     from bundle.data.checks import DataCheckError
-    from bundle.data.datalist import ensure_datalist, load_split
+    from bundle.data.datalist import load_split, prepare_datalist
 
     data = tmp_path / "acdc_copy"
     shutil.copytree(tiny_acdc, data)
-    datalist = ensure_datalist(data, tmp_path / "dl.json")
+    datalist = prepare_datalist(data, tmp_path / "dl.json")
     victim = Path(load_split(datalist, "training")[0]["image"])
     victim.write_bytes(b"corrupted after the datalist was written")
     over = dict(pretrain_overrides, dataset_dir=str(data), datalist=datalist)
