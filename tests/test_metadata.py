@@ -17,7 +17,7 @@ from monai.bundle import verify_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 META = ROOT / "configs" / "metadata.json"
-SCHEMA = ROOT / "configs" / "schema" / "meta_schema_20240725.json"
+SCHEMA = ROOT / "tests" / "data" / "meta_schema_20240725.json"
 LOGGING_CONF = ROOT / "configs" / "logging.conf"
 
 
