@@ -353,6 +353,9 @@ class MeanTeacherTrainer(SupervisedTrainer):
     ) -> None:
         if teacher is network:
             raise ValueError("the teacher must be a separate copy of the network (e.g. copy.deepcopy(network)).")
+        if isinstance(network, nn.parallel.DistributedDataParallel):
+            raise ValueError("Mean Teacher does not run under DDP yet (its student makes two passes per step); "
+                             "fine-tune with configs/multi_gpu_train.json alone, or Mean Teacher on one device.")
         if teacher_mode not in self.TEACHER_MODES:
             raise ValueError(f"Unsupported teacher_mode: {teacher_mode!r}, available options are "
                              f"{list(self.TEACHER_MODES)}.")

@@ -1,0 +1,133 @@
+"""Fine-tuning on several GPUs or nodes under ``torchrun`` (DDP): the helpers of ``configs/multi_gpu_train.json``.
+
+The overlay is merged after ``configs/train.json``::
+
+    torchrun --nproc_per_node=N -m monai.bundle run training \\
+        --config_file "['configs/train.json','configs/multi_gpu_train.json']"
+
+Every process trains the same network on its own draws of labeled slices and augmentations (the effective batch is
+N x ``batch_size``; the lr is not scaled) and DDP averages the gradients. After each epoch rank 0's BatchNorm
+statistics are copied to every rank, every process validates its share of the validation scans and MONAI's metric
+handlers gather the scores, so the best-model decision is the same on every rank. Only rank 0 logs and writes
+checkpoints.
+
+Not covered yet: pre-training (its L_MI joint and L_con negatives need global statistics) and Mean Teacher (two
+student passes per step) under DDP.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from ignite.engine import Engine, Events
+from monai.handlers import CheckpointSaver, StatsHandler, TensorBoardStatsHandler
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+__all__ = ["BroadcastBuffers", "cleanup", "on_rank_zero", "rank", "rank_generator", "rank_seed", "setup", "wrap"]
+
+#: handlers that log or write files: kept on rank 0 only.
+_RANK_ZERO_HANDLERS = (StatsHandler, TensorBoardStatsHandler, CheckpointSaver)
+#: spreads the ranks' seeds far apart (a large odd number).
+_RANK_STRIDE = 1_000_003
+
+
+def setup() -> torch.device:
+    """Join the default process group of a ``torchrun`` launch (once; nccl on GPUs, gloo on CPUs) and return this
+    process's device: GPU ``LOCAL_RANK`` (the node-local index; the global rank exceeds a node's GPU count on
+    several nodes), or the CPU.
+
+    Raises:
+        RuntimeError: outside a ``torchrun`` launch (no ``LOCAL_RANK``/``WORLD_SIZE`` in the environment).
+    """
+    missing = [name for name in ("LOCAL_RANK", "WORLD_SIZE", "RANK") if name not in os.environ]
+    if missing:
+        raise RuntimeError(f"configs/multi_gpu_train.json runs under torchrun ({', '.join(missing)} not set): "
+                           "torchrun --nproc_per_node=N -m monai.bundle run training --config_file "
+                           "\"['configs/train.json','configs/multi_gpu_train.json']\"")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def rank() -> int:
+    """The global rank of this process: the process group's, else torchrun's ``RANK`` (known before the group is
+    joined), else 0."""
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def rank_seed(seed: int) -> int:
+    """``seed`` made distinct per rank, so that each process draws its own slices and augmentations (DDP then
+    broadcasts rank 0's initial weights, so the replicas still start equal)."""
+    return int(seed) + _RANK_STRIDE * rank()
+
+
+def wrap(network: nn.Module, device: torch.device, sync_batchnorm: bool = False,
+         find_unused_parameters: bool = False) -> DistributedDataParallel:
+    """``network`` on ``device`` inside DDP, for the trainer; the plain module stays what the optimiser, the evaluator,
+    the checkpoints and the pre-trained weights use (their keys have no ``module.`` prefix).
+
+    Args:
+        network: the module to train.
+        device: this process's device (:func:`setup`).
+        sync_batchnorm: BatchNorm statistics over the whole global batch (``nn.SyncBatchNorm``, GPUs only); the
+            layers are replaced inside ``network`` and keep their parameters, so the optimiser is unaffected.
+        find_unused_parameters: let some parameters get no gradient in an iteration (e.g. a frozen encoder).
+    """
+    if sync_batchnorm:
+        network = nn.SyncBatchNorm.convert_sync_batchnorm(network)  # the same module, its BatchNorm layers replaced
+    return DistributedDataParallel(
+        network.to(device),
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=find_unused_parameters,
+    )
+
+
+def rank_generator(seed: int) -> torch.Generator:
+    """A CPU generator seeded with :func:`rank_seed`, for a sampler that draws each process's own scans."""
+    generator = torch.Generator()
+    generator.manual_seed(rank_seed(seed))
+    return generator
+
+
+def on_rank_zero(handlers: Sequence[Any] | None) -> list[Any]:
+    """``handlers`` without the logging and checkpoint handlers on ranks other than 0 (selected by type, whatever
+    their position)."""
+    handlers = list(handlers or [])
+    return handlers if rank() == 0 else [h for h in handlers if not isinstance(h, _RANK_ZERO_HANDLERS)]
+
+
+class BroadcastBuffers:
+    """At the end of every epoch (before validation, when attached first) copy rank 0's buffers, e.g. BatchNorm's
+    running statistics, to every rank. DDP keeps the weights equal, but each rank updates its running statistics with
+    its own batches; without this, each rank would validate its shard with other statistics than the ones rank 0
+    saves.
+
+    Args:
+        network: the plain module (its buffers are the wrapped module's).
+    """
+
+    def __init__(self, network: nn.Module) -> None:
+        self.network = network
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine | None = None) -> None:
+        for buffer in self.network.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def cleanup() -> None:
+    """Leave the process group (after every rank has finished)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
