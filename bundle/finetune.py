@@ -28,7 +28,9 @@ from monai.losses import DiceCELoss
 from monai.networks.utils import copy_model_state
 from torch import nn
 
-__all__ = ["checkpoint_loader_path", "load_pretrained", "segmentation_loss"]
+from bundle.data.checks import check_entries
+
+__all__ = ["check_validation_scans", "checkpoint_loader_path", "load_pretrained", "segmentation_loss"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +139,16 @@ def load_pretrained(
 
 
 # ------------------------------------------------------------------------------------------------------------ loss
+
+
+def check_validation_scans(entries: Sequence[Mapping[str, Any]], num_classes: int, channel: int | None) -> None:
+    """Check the validation scans like the training ones; an empty list (MONAI Label's ``val_split`` 0) is allowed:
+    fine-tuning then runs without validation and keeps its final weights as ``model.pt``, and says so."""
+    if not entries:
+        logger.warning("no validation scans: validation is off, and models/model.pt will hold the final weights "
+                       "(not the best-validation ones).")
+        return
+    check_entries(entries, num_classes=num_classes, require_label=True, channel=channel, name="validation scans")
 
 
 def segmentation_loss(loss_type: str = "ce", lambda_dice: float = 1.0, lambda_ce: float = 1.0) -> DiceCELoss:

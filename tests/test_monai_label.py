@@ -102,6 +102,30 @@ def test_monai_label_training_call(tiny_acdc: Path, tmp_path: Path) -> None:
     torch.testing.assert_close(trained[conv], warm[conv], rtol=0, atol=1e-3)
 
 
+def test_monai_label_training_without_validation_keeps_the_final_model(tiny_acdc: Path, tmp_path: Path) -> None:
+    """MONAI Label's ``val_split`` 0 sends an empty ``validate#dataset#data``: fine-tuning runs without validation,
+    says so, and writes the final weights as ``models/model.pt`` (nothing else would)."""
+    root = _bundle_copy(tmp_path)
+    overrides: dict[str, Any] = {
+        "bundle_root": str(root), "train#trainer#max_epochs": 1, "train#dataset#data": _scans(tiny_acdc, [1, 2]),
+        "device": torch.device("cpu"), "validate#dataset#data": [],
+        "features": list(TINY), "pixdim": [3.0, 3.0], "spatial_size": [64, 64], "crop_size": [32, 32],
+        "iterations": 2, "batch_size": 2, "num_workers": 0, "warmup_epochs": 0,
+    }
+    messages: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("bundle.finetune").addHandler(handler)
+    try:
+        monai.bundle.run(run_id="run", init_id=None, final_id=None, meta_file=str(root / "configs" / "metadata.json"),
+                         config_file=str(root / "configs" / "train.json"), **overrides)
+    finally:
+        logging.getLogger("bundle.finetune").removeHandler(handler)
+    assert any("no validation scans: validation is off" in m for m in messages)
+    final = torch.load(root / "models" / "model.pt", weights_only=True)
+    assert set(final) == set(FeatureUNet(features=TINY).state_dict())
+
+
 def test_monai_label_inference_call(tiny_acdc: Path, tmp_path: Path) -> None:
     root = _bundle_copy(tmp_path)
     torch.manual_seed(0)
