@@ -11,8 +11,9 @@ statistics are copied to every rank, every process validates its share of the va
 handlers gather the scores, so the best-model decision is the same on every rank. Only rank 0 logs and writes
 checkpoints.
 
-Not covered yet: pre-training (its L_MI joint and L_con negatives need global statistics) and Mean Teacher (two
-student passes per step) under DDP.
+Not covered yet: a pre-training overlay (the losses already pool their statistics over the processes, see
+``global_statistics`` of :class:`bundle.losses.PretrainingObjective`) and Mean Teacher (two student passes per
+step) under DDP.
 """
 
 from __future__ import annotations

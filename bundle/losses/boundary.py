@@ -24,8 +24,10 @@ from bundle.losses.utils import (
     check_positive,
     check_reduction,
     fp32_region,
+    is_distributed,
     pixel_entropy,
     reduce_heads,
+    share_of_processes,
 )
 
 __all__ = ["sobel_edge_map", "entropy_map", "BoundaryCrossCorrelationLoss"]
@@ -152,6 +154,10 @@ class BoundaryCrossCorrelationLoss(_Loss):
         reduction: ``"none"``: per-head losses ``(M,)`` (0-d for a single ``B,K,H,W`` tensor; a sequence gives
             ``(sum of heads,)``); ``"mean"``/``"sum"`` over heads.  Defaults to ``"mean"``.
         positive_only: count only positive local covariance. Defaults to True.
+        global_statistics: under ``torchrun`` (several processes), weight each process's mean by its share of the
+            valid pixels of all processes, so that DDP's gradient averaging gives the mean over the whole batch
+            (the maps themselves are local: nothing else is exchanged). ``False`` averages the per-process means.
+            Without a process group both are the same. Defaults to True.
 
     Raises:
         ValueError: bad window, edge_power, eps or reduction.
@@ -172,6 +178,7 @@ class BoundaryCrossCorrelationLoss(_Loss):
         eps: float = 1e-5,
         reduction: LossReduction | str = LossReduction.MEAN,
         positive_only: bool = True,
+        global_statistics: bool = True,
     ) -> None:
         super().__init__(reduction=check_reduction(reduction))
         if isinstance(window, bool) or int(window) != window or window < 3 or window % 2 == 0:
@@ -180,6 +187,7 @@ class BoundaryCrossCorrelationLoss(_Loss):
         self.edge_power = check_positive(edge_power, "edge_power")
         self.eps = check_positive(eps, "eps")
         self.positive_only = bool(positive_only)
+        self.global_statistics = bool(global_statistics)
 
     def forward(
         self, probs: torch.Tensor | Sequence[torch.Tensor], image: torch.Tensor, mask: torch.Tensor | None = None
@@ -261,7 +269,11 @@ class BoundaryCrossCorrelationLoss(_Loss):
             phi_var = (phi_sq - phi_mean * phi_mean).clamp_min(self.eps)
             low, scale = _rescale_range(entropy, mask)
         geometry = CorrelationGeometry(phi, phi_mean, phi_var, mask, norm, self.window, self.eps, self.positive_only)
-        return LocalCorrelationFunction.apply(entropy, low, scale, geometry)
+        values = LocalCorrelationFunction.apply(entropy, low, scale, geometry)
+        if self.global_statistics and is_distributed():  # the mean over every process's valid pixels, after DDP
+            count = mask.sum() if mask is not None else torch.tensor(float(entropy.shape[1] * height * width))
+            values = values * share_of_processes(count.to(values))
+        return values
 
 
 def _check_image(image: torch.Tensor) -> None:

@@ -8,11 +8,20 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
-from bundle.losses.utils import at_least_fp32, check_positive, check_reduction, fp32_region
+from bundle.losses.utils import (
+    at_least_fp32,
+    check_positive,
+    check_reduction,
+    fp32_region,
+    gather_over_processes,
+    is_distributed,
+)
 
 __all__ = ["MetaLabelContrastiveLoss", "DenseContrastiveLoss"]
 
@@ -41,6 +50,12 @@ class MetaLabelContrastiveLoss(_Loss):
         reduction: ``"none"``: per-anchor losses ``(2N,)`` (view a first, then view b); ``"mean"``: mean over
             anchors with a positive; ``"sum"``: their sum.  Defaults to ``"mean"``.
 
+        global_statistics: under ``torchrun`` (several processes), every process's items of both views join each
+            anchor's positives and negatives (all-gathered with gradients, meta-labels with them) and each process
+            scores its own anchors, so that DDP's gradient averaging gives the loss of one process with the whole
+            batch. ``False`` contrasts within each process's batch only (for comparison). Without a process group
+            both are the same. Defaults to True.
+
     Raises:
         ValueError: temperature <= 0 or an unsupported reduction.
 
@@ -51,9 +66,15 @@ class MetaLabelContrastiveLoss(_Loss):
         torch.Size([])
     """
 
-    def __init__(self, temperature: float = 0.07, reduction: LossReduction | str = LossReduction.MEAN) -> None:
+    def __init__(
+        self,
+        temperature: float = 0.07,
+        reduction: LossReduction | str = LossReduction.MEAN,
+        global_statistics: bool = True,
+    ) -> None:
         super().__init__(reduction=check_reduction(reduction))
         self.temperature = check_positive(temperature, "temperature")
+        self.global_statistics = bool(global_statistics)
 
     def forward(self, z_a: torch.Tensor, z_b: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """
@@ -73,6 +94,14 @@ class MetaLabelContrastiveLoss(_Loss):
             raise ValueError(f"labels must be a 1-D tensor of length B={z_a.shape[0]}, got {shape}.")
         if labels.is_floating_point() or labels.is_complex():
             raise ValueError(f"labels must be integer meta-labels, got dtype {labels.dtype}.")
+        local = None
+        if self.global_statistics and is_distributed():  # every process's items are negatives (and positives)
+            batch, rank = z_a.shape[0], dist.get_rank()
+            z_a, z_b = gather_over_processes(z_a), gather_over_processes(z_b)
+            labels = torch.cat(dist_nn.all_gather(labels.to(z_a.device)))
+            n = z_a.shape[0]
+            local = torch.cat([torch.arange(rank * batch, (rank + 1) * batch),
+                               torch.arange(n + rank * batch, n + (rank + 1) * batch)]).to(z_a.device)
         with fp32_region(z_a.device):
             z = F.normalize(at_least_fp32(torch.cat([z_a, z_b], dim=0)), dim=1)
             both = torch.cat([labels, labels], dim=0).to(z.device)
@@ -84,6 +113,8 @@ class MetaLabelContrastiveLoss(_Loss):
             n_pos = positives.sum(dim=1)
             per_anchor = -log_prob.masked_fill(~positives, 0.0).sum(dim=1) / n_pos.clamp_min(1)
             has_pos = n_pos > 0
+            if local is not None:  # this process's anchors only: DDP's averaging makes the mean global
+                per_anchor, has_pos = per_anchor[local], has_pos[local]
         return _reduce_anchors(per_anchor, self.reduction, has_pos)
 
 

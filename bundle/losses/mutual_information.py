@@ -29,9 +29,11 @@ from bundle.losses.utils import (
     check_positive,
     check_reduction,
     fp32_region,
+    is_distributed,
     pixel_entropy,
     pool_joints,
     reduce_heads,
+    sum_over_processes,
 )
 
 __all__ = ["ClusterMutualInformationLoss", "IMSATLoss", "joint_distribution", "cluster_statistics"]
@@ -78,6 +80,12 @@ class ClusterMutualInformationLoss(_Loss):
         symmetric: symmetrise the joint as IIC does. Defaults to False (the paper's equations).
         reduction: ``"none"``: per-head losses ``(M,)`` for ``M,B,K,H,W`` input and a 0-d tensor for ``B,K,H,W``
             input; ``"mean"``/``"sum"``: mean/sum over heads (0-d).  Defaults to ``"mean"``.
+        global_statistics: under ``torchrun`` (a process group of several processes), pool the joint over the
+            pixels of every process, with gradients (all-reduce of the pixel-weighted joints and counts), so that N
+            processes with batch b compute the loss of one process with batch N x b; every process then holds the
+            same loss, and DDP's gradient averaging gives the single-process gradient. ``False`` keeps each
+            process's own joint (the method would change with the number of processes; for comparison only).
+            Without a process group both are the same. Defaults to True.
 
     Raises:
         ValueError: alpha outside [0, 1], eps <= 0, or an unsupported reduction.
@@ -97,6 +105,7 @@ class ClusterMutualInformationLoss(_Loss):
         eps: float = DEFAULT_LOG_EPS,
         symmetric: bool = False,
         reduction: LossReduction | str = LossReduction.MEAN,
+        global_statistics: bool = True,
     ) -> None:
         super().__init__(reduction=check_reduction(reduction))
         if not 0.0 <= float(alpha) <= 1.0:
@@ -104,6 +113,7 @@ class ClusterMutualInformationLoss(_Loss):
         self.alpha = float(alpha)
         self.eps = check_positive(eps, "eps")
         self.symmetric = bool(symmetric)
+        self.global_statistics = bool(global_statistics)
 
     def forward(self, p_hat: torch.Tensor, p_tilde: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """
@@ -147,6 +157,10 @@ class ClusterMutualInformationLoss(_Loss):
         single = joint.ndim == 2
         with fp32_region(joint.device):
             p = at_least_fp32(joint.unsqueeze(0) if single else joint)
+            if self.global_statistics and is_distributed():  # pool the joint over every process's pixels
+                total = sum_over_processes(count.to(p.dtype))
+                p = sum_over_processes(p * count.to(p.dtype)) / total.clamp_min(1.0)
+                count = total
             if self.symmetric:
                 p = (p + p.transpose(1, 2)) / 2
             k = p.shape[-1]

@@ -78,6 +78,8 @@ class PretrainingObjective(nn.Module):
         cc_edge_power: exponent of the edge magnitude in L_CC, > 0. Defaults to 1.
         imsat_lambda: weight of the marginal entropy in IMSAT, >= 0. Defaults to 1.
         mi_symmetric: symmetrise the MI joint as IIC and the authors' code do. Defaults to False (eq. 3-8).
+        global_statistics: under ``torchrun``, L_MI's joint, L_CC's mean and L_con's negatives span every process's
+            batch (see the three losses); ``False`` keeps them per process, for comparison. Defaults to True.
 
     Raises:
         ValueError: alpha outside [0, 1], a negative or non-finite weight, all weights 0, or a bad sub-loss option.
@@ -104,9 +106,12 @@ class PretrainingObjective(nn.Module):
         cc_edge_power: float = 1.0,
         imsat_lambda: float = 1.0,
         mi_symmetric: bool = False,
+        global_statistics: bool = True,
     ) -> None:
         super().__init__()
-        self.mi = ClusterMutualInformationLoss(alpha=alpha, symmetric=mi_symmetric)  # checks alpha first
+        self.mi = ClusterMutualInformationLoss(  # checks alpha first
+            alpha=alpha, symmetric=mi_symmetric, global_statistics=global_statistics
+        )
         weights = {
             "mi": mi_weight,
             "cc": cc_weight,
@@ -120,8 +125,10 @@ class PretrainingObjective(nn.Module):
         self.weights = {term: float(weight) for term, weight in weights.items()}
         if not any(self.weights.values()):
             raise ValueError("all loss weights are 0: at least one of mi/cc/con/imsat/dense_con must be > 0.")
-        self.cc = BoundaryCrossCorrelationLoss(window=cc_window, edge_power=cc_edge_power)
-        self.con = MetaLabelContrastiveLoss(temperature=temperature)
+        self.cc = BoundaryCrossCorrelationLoss(
+            window=cc_window, edge_power=cc_edge_power, global_statistics=global_statistics
+        )
+        self.con = MetaLabelContrastiveLoss(temperature=temperature, global_statistics=global_statistics)
         self.imsat = IMSATLoss(weight=imsat_lambda)
         self.dense_con = DenseContrastiveLoss(temperature=temperature)
 

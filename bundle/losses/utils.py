@@ -12,6 +12,8 @@ from __future__ import annotations
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 from monai.utils import LossReduction
 
 from bundle.losses._kernels import EntropyFunction
@@ -28,9 +30,13 @@ __all__ = [
     "check_probability_values",
     "check_reduction",
     "fp32_region",
+    "gather_over_processes",
+    "is_distributed",
     "pixel_entropy",
     "pool_joints",
     "reduce_heads",
+    "share_of_processes",
+    "sum_over_processes",
 ]
 
 #: floor inside the logarithms of the dense losses: ``log(max(p, eps))`` (see ClusterMutualInformationLoss, ``eps``).
@@ -221,3 +227,36 @@ def pixel_entropy(probs: torch.Tensor, dim: int, eps: float = DEFAULT_LOG_EPS, k
         keepdim: keep ``dim`` with size 1. Defaults to False.
     """
     return EntropyFunction.apply(probs, dim, float(eps), bool(keepdim))
+
+
+def is_distributed() -> bool:
+    """Whether a default process group with more than one process is initialised (a torchrun launch)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def sum_over_processes(x: torch.Tensor) -> torch.Tensor:
+    """``x`` summed over the processes of the default group, differentiably (``torch.distributed.nn`` all-reduce,
+    whose backward sums the gradients over the processes); the caller divides where it needs a mean."""
+    return dist_nn.all_reduce(x, op=dist.ReduceOp.SUM)
+
+
+def gather_over_processes(x: torch.Tensor) -> torch.Tensor:
+    """``x`` of every process concatenated along dim 0 in rank order, differentiably (the backward hands each process
+    the gradient of its own rows, summed over the processes). Every process must pass the same shape.
+
+    Raises:
+        ValueError: when the processes pass tensors of different shapes.
+    """
+    shapes = [None] * dist.get_world_size()
+    dist.all_gather_object(shapes, tuple(x.shape))
+    if len(set(shapes)) != 1:
+        raise ValueError(f"every process must pass the same shape to be gathered, got {shapes}.")
+    return torch.cat(dist_nn.all_gather(x), dim=0)
+
+
+def share_of_processes(count: torch.Tensor) -> torch.Tensor:
+    """``N x count / (sum of count over the N processes)``, no gradient: the factor that turns a process's mean over
+    its ``count`` items into its part of the mean over every process's items, once DDP averages the processes."""
+    total = count.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return count.detach() * dist.get_world_size() / total.clamp_min(1.0)
