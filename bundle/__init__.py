@@ -13,8 +13,10 @@ __version__ = "0.2.0"
 
 _SUBMODULES = (
     "data",
+    "distributed",
     "engines",
     "evaluation",
+    "files",
     "finetune",
     "handlers",
     "losses",

@@ -8,8 +8,9 @@ The overlay is merged after ``configs/train.json``::
 Every process trains the same network on its own draws of labeled slices and augmentations (the effective batch is
 N x ``batch_size``; the lr is not scaled) and DDP averages the gradients. After each epoch rank 0's BatchNorm
 statistics are copied to every rank, every process validates its share of the validation scans and MONAI's metric
-handlers gather the scores, so the best-model decision is the same on every rank. Only rank 0 logs and writes
-checkpoints.
+handlers gather the scores, so the best-model decision is the same on every rank. Only rank 0's handlers log and
+write checkpoints (the other ranks' TensorBoard handlers are built, then dropped, and may leave empty event files;
+module loggers print on every rank).
 
 Not covered yet: a pre-training overlay (the losses already pool their statistics over the processes, see
 ``global_statistics`` of :class:`bundle.losses.PretrainingObjective`) and Mean Teacher (two student passes per
@@ -19,17 +20,28 @@ step) under DDP.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
+from monai.data import DistributedSampler
 from monai.handlers import CheckpointSaver, StatsHandler, TensorBoardStatsHandler
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["BroadcastBuffers", "cleanup", "on_rank_zero", "rank", "rank_generator", "rank_seed", "setup", "wrap"]
+__all__ = [
+    "BroadcastBuffers",
+    "cleanup",
+    "on_rank_zero",
+    "rank",
+    "rank_generator",
+    "rank_seed",
+    "setup",
+    "validation_sampler",
+    "wrap",
+]
 
 #: handlers that log or write files: kept on rank 0 only.
 _RANK_ZERO_HANDLERS = (StatsHandler, TensorBoardStatsHandler, CheckpointSaver)
@@ -90,6 +102,15 @@ def wrap(network: nn.Module, device: torch.device, sync_batchnorm: bool = False,
         device_ids=[device.index] if device.type == "cuda" else None,
         find_unused_parameters=find_unused_parameters,
     )
+
+
+def validation_sampler(dataset: Sized) -> DistributedSampler | None:
+    """Each rank's share of the validation scans (not padded, in order), or None (every rank scores every scan)
+    when there are fewer scans than processes; MONAI's metric handlers gather the scores either way, and duplicated
+    scans leave the gathered mean unchanged."""
+    if len(dataset) < dist.get_world_size():
+        return None
+    return DistributedSampler(dataset, even_divisible=False, shuffle=False)
 
 
 def rank_generator(seed: int) -> torch.Generator:

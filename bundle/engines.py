@@ -353,7 +353,10 @@ class MeanTeacherTrainer(SupervisedTrainer):
     ) -> None:
         if teacher is network:
             raise ValueError("the teacher must be a separate copy of the network (e.g. copy.deepcopy(network)).")
-        if isinstance(network, nn.parallel.DistributedDataParallel):
+        if isinstance(network, nn.parallel.DistributedDataParallel) or (
+            torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1
+        ):
             raise ValueError("Mean Teacher does not run under DDP yet (its student makes two passes per step); "
                              "fine-tune with configs/multi_gpu_train.json alone, or Mean Teacher on one device.")
         if teacher_mode not in self.TEACHER_MODES:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ast
 import difflib
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from monai.bundle import ConfigParser
+from monai.bundle.utils import DEFAULT_EXP_MGMT_SETTINGS
 
 __all__ = ["check_command_line_ids", "check_finetune_options", "check_pretrain_options", "flag", "unknown_override_ids"]
 
@@ -142,10 +142,11 @@ def check_finetune_options(
         raise _fail("invalid fine-tuning options:\n  - " + "\n  - ".join(problems))
 
 
-#: arguments of ``monai.bundle run`` itself, not config ids.
-_RUN_ARGUMENTS = {"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file"}
-#: ids MONAI adds with ``--tracking`` (``monai.bundle.utils.DEFAULT_EXP_MGMT_SETTINGS``'s top-level configs).
-_TRACKING_IDS = {"output_dir", "tracking_uri", "experiment_name", "run_name", "save_execute_config", "execute_config"}
+#: arguments of ``monai.bundle run`` itself (and of the workflow it creates), not config ids.
+_RUN_ARGUMENTS = {"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file",
+                  "workflow_name", "workflow_type", "properties_path"}
+#: ids MONAI adds with ``--tracking`` (the top-level configs of its experiment-management settings).
+_TRACKING_IDS = {key for settings in DEFAULT_EXP_MGMT_SETTINGS.values() for key in settings.get("configs", {})}
 
 
 def _literal(text: str) -> Any:
@@ -167,6 +168,8 @@ def _run_overrides(argv: Sequence[str]) -> dict[str, Any] | None:
     i = 0
     while i < len(tokens):
         token = tokens[i]
+        if token == "--":  # fire's separator: what follows is not for the command
+            break
         if token.startswith("--"):
             name, eq, value = token[2:].partition("=")
             if not eq and i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
@@ -199,7 +202,7 @@ def unknown_override_ids(argv: Sequence[str]) -> list[str]:
     if pairs is None:
         return []
     if "args_file" in pairs:
-        pairs = {**json.loads(Path(str(pairs["args_file"])).read_text()), **pairs}
+        pairs = {**ConfigParser.load_config_file(str(pairs["args_file"])), **pairs}
     if "config_file" not in pairs:
         return []
     config = ConfigParser.load_config_files(pairs["config_file"])
@@ -209,6 +212,8 @@ def unknown_override_ids(argv: Sequence[str]) -> list[str]:
         parts = name.lstrip("+").split("#")
         if name in allowed or parts[0] == "_meta_" or name.startswith("+") or _has_id(config, parts):
             continue
+        if pairs[name] is True and name.startswith("no") and _has_id(config, name[2:].split("#")):
+            continue  # fire reads a bare --noamp as amp=False
         parent = config
         for part in parts[:-1]:
             parent = parent.get(part, {}) if isinstance(parent, dict) else {}

@@ -44,7 +44,7 @@ bundle() {  # bundle RUN_ID CONFIG_FILE OVERRIDES...
     shift 2
     $PY -m monai.bundle run "$run_id" --config_file "$config" --meta_file configs/metadata.json \
         --logging_file configs/logging.conf --bundle_root "$ROOT" --dataset_dir "$DATA" \
-        --datalist "$ROOT/datalist.json" --show_progress False "$@"
+        --datalist "$ROOT/datalist.json" "$@"
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
@@ -60,7 +60,7 @@ step loader_8_workers loader8.txt $PY -m scripts.benchmark loader --data "$DATA"
 
 nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 500 >"$OUT/pretrain_gpu_mem_mib.txt" 2>/dev/null &
 smi=$!
-step pretrain pretrain.log bundle training "$PRETRAIN_CONFIG" --epochs 3 --iterations 100 --warmup_epochs 1 \
+step pretrain pretrain.log bundle training "$PRETRAIN_CONFIG" --show_progress False --epochs 3 --iterations 100 --warmup_epochs 1 \
     --num_workers 8 --resume False --log_interval 50 --image_interval 100
 kill $smi 2>/dev/null
 echo "peak GPU memory during pre-training (nvidia-smi, MiB): $(sort -n "$OUT/pretrain_gpu_mem_mib.txt" | tail -n 1)"

@@ -148,7 +148,8 @@ class Study:
                      "num_labeled": labeled, "labeled_seed": seed,
                      "seed": seed, "lr": lr, "output_dir": str(folder), "ckpt_dir": str(folder / "models"),
                      "pretrained_path": weights or "null", "pretrained_required": bool(weights),
-                     **self.extra.get("finetune", {})}
+                     **{k: v for k, v in self.extra.get("finetune", {}).items()
+                        if mean_teacher or not k.startswith("mt_")}}
         seconds = self.bundle_run("training", configs, overrides, folder)
         best, epoch = _best_validation(folder / "log.txt")
         record = {"lr": lr, "val_dice": best, "best_epoch": epoch, "seconds": seconds,
@@ -275,7 +276,8 @@ def study(
         features: override the U-Net widths (six numbers) of every run.
         crop_size: override the training crop of every run.
         pretrain_overrides: any further pre-training config ids, e.g. '{"cluster_temperature": 0.1}'.
-        finetune_overrides: any further fine-tuning config ids, e.g. '{"mt_weight": 0.1}'.
+        finetune_overrides: any further fine-tuning config ids, e.g. '{"mt_weight": 0.1}' (Mean Teacher's
+            ``mt_*`` ids reach the Mean Teacher arms only).
         report_only: only write the report from the finished runs.
         dry_run: print the plan (steps and their order) and stop.
     """

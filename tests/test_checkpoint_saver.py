@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -91,9 +92,12 @@ def test_atomic_saver_writes_every_new_best_and_keeps_one_file(tmp_path: Path) -
 def test_temporary_files_of_killed_writers_are_removed(tmp_path: Path) -> None:
     from bundle.handlers import atomic_save
 
-    dead = tmp_path / ".model.pt.tmp-999999999"  # no such process
+    host = socket.gethostname().replace("-", "_")
+    dead = tmp_path / f".model.pt.tmp-{host}-999999999"  # no such process on this host
     dead.write_bytes(b"left by kill -9")
-    other = tmp_path / ".other.pt.tmp-999999999"  # another file's: not ours to remove
+    other = tmp_path / f".other.pt.tmp-{host}-999999999"  # another file's: not ours to remove
     other.write_bytes(b"")
+    elsewhere = tmp_path / ".model.pt.tmp-othernode-999999999"  # another node's writer on a shared disk: unknown
+    elsewhere.write_bytes(b"")
     atomic_save({"x": torch.ones(1)}, tmp_path / "model.pt")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.pt.tmp-999999999", "model.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other.name, elsewhere.name, "model.pt"])

@@ -67,3 +67,14 @@ def test_the_bundle_command_stops_before_any_work(config: str, tmp_path: Path) -
     assert proc.returncode != 0
     assert "unknown config id(s) on the command line: epoch" in proc.stderr + proc.stdout
     assert not any(tmp_path.iterdir()), "nothing may be written before the check"
+
+
+def test_fire_spellings_workflow_arguments_and_the_separator() -> None:
+    config = str(REPO / "configs/train.json")
+    assert unknown_override_ids(_argv("training", "--config_file", config, "--noamp", "--alpha", "-1")) == ["alpha"]
+    assert unknown_override_ids(_argv("--config_file", config, "--workflow_type", "train",
+                                      "--properties_path", "p.json")) == []
+    assert unknown_override_ids(_argv("--config_file", config, "--", "--anything", "1")) == []
+    tracked = _argv("--config_file", config, "--tracking", "mlflow", "--is_not_rank0", "true")
+    assert unknown_override_ids(tracked) == []
+

@@ -51,6 +51,17 @@ def test_two_processes_train_one_model_and_rank_zero_writes_it(tiny_acdc: Path, 
     assert not all(torch.equal(c[k], d[k]) for k in c)
 
 
+def test_fewer_validation_scans_than_processes_and_none_at_all(tiny_acdc: Path, tmp_path: Path) -> None:
+    image = sorted(tiny_acdc.rglob("*frame01.nii.gz"))[0]
+    scan = {"image": str(image), "label": str(image).replace(".nii.gz", "_gt.nii.gz")}
+    one = _torchrun(tmp_path / "one", tiny_acdc, **{"validate#dataset#data": [scan]})
+    assert one.returncode == 0, one.stderr[-3000:]  # both ranks score the one scan
+    assert (tmp_path / "one" / "models" / "model.pt").is_file()
+    none = _torchrun(tmp_path / "none", tiny_acdc, **{"validate#dataset#data": []})
+    assert none.returncode == 0, none.stderr[-3000:]  # no validation: the final weights are the model
+    assert (tmp_path / "none" / "models" / "model.pt").is_file()
+
+
 def test_outside_torchrun_the_overlay_says_how_to_launch(tmp_path: Path) -> None:
     from bundle.distributed import setup
 
