@@ -56,6 +56,21 @@ def test_train_config_keeps_the_ids_monai_label_overrides() -> None:
     assert not [h for h in config["train"]["handlers"] if h.get("_target_") == "CheckpointLoader"]
 
 
+def _train_as_monai_label(root: Path, overrides: dict[str, Any]) -> list[str]:
+    """MONAI Label's single-GPU training call; returns what the bundle's fine-tuning logger said (read on the logger
+    itself: the bundle's logging.conf replaces the root's handlers)."""
+    messages: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("bundle.finetune").addHandler(handler)
+    try:
+        monai.bundle.run(run_id="run", init_id=None, final_id=None, meta_file=str(root / "configs" / "metadata.json"),
+                         config_file=str(root / "configs" / "train.json"), **overrides)
+    finally:
+        logging.getLogger("bundle.finetune").removeHandler(handler)
+    return messages
+
+
 def test_monai_label_training_call(tiny_acdc: Path, tmp_path: Path) -> None:
     root = _bundle_copy(tmp_path)
     torch.manual_seed(123)  # not the bundle's seed: these weights differ from the network's own initialisation
@@ -80,15 +95,7 @@ def test_monai_label_training_call(tiny_acdc: Path, tmp_path: Path) -> None:
         "features": list(TINY), "pixdim": [3.0, 3.0], "spatial_size": [64, 64], "crop_size": [32, 32],
         "iterations": 2, "batch_size": 2, "num_workers": 0, "warmup_epochs": 0, "lr": 1e-5,
     }
-    messages: list[str] = []  # on the logger itself: the bundle's logging.conf replaces the root's handlers
-    handler = logging.Handler(logging.INFO)
-    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
-    logging.getLogger("bundle.finetune").addHandler(handler)
-    try:
-        monai.bundle.run(run_id="run", init_id=None, final_id=None, meta_file=str(root / "configs" / "metadata.json"),
-                         config_file=str(root / "configs" / "train.json"), **overrides)
-    finally:
-        logging.getLogger("bundle.finetune").removeHandler(handler)
+    messages = _train_as_monai_label(root, overrides)
     # no pre-trained weights in the bundle: the log says the run starts from MONAI Label's model.pt, not "scratch"
     (said,) = [m for m in messages if "no pre-trained weights there" in m]
     assert f"the network starts from {root / 'models' / 'model.pt'}" in said and "scratch" not in said
@@ -112,15 +119,7 @@ def test_monai_label_training_without_validation_keeps_the_final_model(tiny_acdc
         "features": list(TINY), "pixdim": [3.0, 3.0], "spatial_size": [64, 64], "crop_size": [32, 32],
         "iterations": 2, "batch_size": 2, "num_workers": 0, "warmup_epochs": 0,
     }
-    messages: list[str] = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
-    logging.getLogger("bundle.finetune").addHandler(handler)
-    try:
-        monai.bundle.run(run_id="run", init_id=None, final_id=None, meta_file=str(root / "configs" / "metadata.json"),
-                         config_file=str(root / "configs" / "train.json"), **overrides)
-    finally:
-        logging.getLogger("bundle.finetune").removeHandler(handler)
+    messages = _train_as_monai_label(root, overrides)
     assert any("no validation scans: validation is off" in m for m in messages)
     final = torch.load(root / "models" / "model.pt", weights_only=True)
     assert set(final) == set(FeatureUNet(features=TINY).state_dict())
