@@ -36,7 +36,6 @@ __all__ = [
     "cleanup",
     "on_rank_zero",
     "rank",
-    "rank_generator",
     "rank_seed",
     "setup",
     "validation_sampler",
@@ -111,13 +110,6 @@ def validation_sampler(dataset: Sized) -> DistributedSampler | None:
     if len(dataset) < dist.get_world_size():
         return None
     return DistributedSampler(dataset, even_divisible=False, shuffle=False)
-
-
-def rank_generator(seed: int) -> torch.Generator:
-    """A CPU generator seeded with :func:`rank_seed`, for a sampler that draws each process's own scans."""
-    generator = torch.Generator()
-    generator.manual_seed(rank_seed(seed))
-    return generator
 
 
 def on_rank_zero(handlers: Sequence[Any] | None) -> list[Any]:

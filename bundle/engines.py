@@ -30,6 +30,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from bundle.losses import ConsistencyWeight, PretrainingObjective, softmax_mse_consistency
+from bundle.losses.utils import is_distributed
 from bundle.networks import DenseClusterHead, DenseProjectionHead, FeatureUNet, GlobalProjectionHead
 from bundle.transforms import EquivariantTransform, TransformParams
 
@@ -353,10 +354,7 @@ class MeanTeacherTrainer(SupervisedTrainer):
     ) -> None:
         if teacher is network:
             raise ValueError("the teacher must be a separate copy of the network (e.g. copy.deepcopy(network)).")
-        if isinstance(network, nn.parallel.DistributedDataParallel) or (
-            torch.distributed.is_available() and torch.distributed.is_initialized()
-            and torch.distributed.get_world_size() > 1
-        ):
+        if isinstance(network, nn.parallel.DistributedDataParallel) or is_distributed():
             raise ValueError("Mean Teacher does not run under DDP yet (its student makes two passes per step); "
                              "fine-tune with configs/multi_gpu_train.json alone, or Mean Teacher on one device.")
         if teacher_mode not in self.TEACHER_MODES:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
@@ -98,7 +97,7 @@ class MetaLabelContrastiveLoss(_Loss):
         if self.global_statistics and is_distributed():  # every process's items are negatives (and positives)
             batch, rank = z_a.shape[0], dist.get_rank()
             z_a, z_b = gather_over_processes(z_a), gather_over_processes(z_b)
-            labels = torch.cat(dist_nn.all_gather(labels.to(z_a.device)))
+            labels = gather_over_processes(labels.to(z_a.device))
             n = z_a.shape[0]
             local = torch.cat([torch.arange(rank * batch, (rank + 1) * batch),
                                torch.arange(n + rank * batch, n + (rank + 1) * batch)]).to(z_a.device)
