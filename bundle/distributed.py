@@ -1,20 +1,26 @@
-"""Fine-tuning on several GPUs or nodes under ``torchrun`` (DDP): the helpers of ``configs/multi_gpu_train.json``.
+"""Training on several GPUs or nodes under ``torchrun`` (DDP): the helpers of ``configs/multi_gpu_pretrain.json`` and
+``configs/multi_gpu_train.json``.
 
-The overlay is merged after ``configs/train.json``::
+Each overlay is merged after its base config::
 
+    torchrun --nproc_per_node=N -m monai.bundle run training \\
+        --config_file "['configs/pretrain.json','configs/multi_gpu_pretrain.json']"
     torchrun --nproc_per_node=N -m monai.bundle run training \\
         --config_file "['configs/train.json','configs/multi_gpu_train.json']"
 
-Every process trains the same network on its own draws of labeled slices and augmentations (the effective batch is
+Pre-training: every iteration draws one global batch of N x ``scans_per_batch`` scans (and ``T`` for all its slices)
+as a pure function of (seed, epoch, iteration); each process trains on its share, the losses pool their statistics
+over the processes (L_MI's joint, L_con's negatives; ``global_statistics``) and DDP averages the gradients, so N
+processes take the step one process with the whole batch would take (up to BatchNorm, whose statistics stay per
+process unless ``sync_batchnorm``).
+
+Fine-tuning: every process trains on its own draws of labeled slices and augmentations (the effective batch is
 N x ``batch_size``; the lr is not scaled) and DDP averages the gradients. After each epoch rank 0's BatchNorm
 statistics are copied to every rank, every process validates its share of the validation scans and MONAI's metric
-handlers gather the scores, so the best-model decision is the same on every rank. Only rank 0's handlers log and
-write checkpoints (the other ranks' TensorBoard handlers are built, then dropped, and may leave empty event files;
-module loggers print on every rank).
+handlers gather the scores, so the best-model decision is the same on every rank.
 
-Not covered yet: a pre-training overlay (the losses already pool their statistics over the processes, see
-``global_statistics`` of :class:`bundle.losses.PretrainingObjective`) and Mean Teacher (two student passes per
-step) under DDP.
+Only rank 0's handlers log, draw and write files (the other ranks' TensorBoard handlers are built, then dropped, and
+may leave empty event files; module loggers print on every rank); every rank resumes from rank 0's training state.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from monai.handlers import CheckpointSaver, StatsHandler, TensorBoardStatsHandle
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from bundle.handlers import ClusterDiceHealth, NetworkExport, PretrainMonitor, ProgressBar
+
 __all__ = [
     "BroadcastBuffers",
     "cleanup",
@@ -39,11 +47,16 @@ __all__ = [
     "rank_seed",
     "setup",
     "validation_sampler",
+    "world_size",
     "wrap",
 ]
 
-#: handlers that log or write files: kept on rank 0 only.
-_RANK_ZERO_HANDLERS = (StatsHandler, TensorBoardStatsHandler, CheckpointSaver)
+#: handlers that log, draw or write files: kept on rank 0 only (TrainingStateCheckpoint stays on every rank: all
+#: of them resume from the file, rank 0 alone writes it)
+_RANK_ZERO_HANDLERS = (
+    StatsHandler, TensorBoardStatsHandler, CheckpointSaver,
+    NetworkExport, ProgressBar, PretrainMonitor, ClusterDiceHealth,
+)
 #: spreads the ranks' seeds far apart (a large odd number).
 _RANK_STRIDE = 1_000_003
 
@@ -58,9 +71,10 @@ def setup() -> torch.device:
     """
     missing = [name for name in ("LOCAL_RANK", "WORLD_SIZE", "RANK") if name not in os.environ]
     if missing:
-        raise RuntimeError(f"configs/multi_gpu_train.json runs under torchrun ({', '.join(missing)} not set): "
+        raise RuntimeError(f"the multi-GPU overlays run under torchrun ({', '.join(missing)} not set): "
                            "torchrun --nproc_per_node=N -m monai.bundle run training --config_file "
-                           "\"['configs/train.json','configs/multi_gpu_train.json']\"")
+                           "\"['configs/train.json','configs/multi_gpu_train.json']\" (or pretrain.json with "
+                           "multi_gpu_pretrain.json)")
     local_rank = int(os.environ["LOCAL_RANK"])
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -74,6 +88,11 @@ def rank() -> int:
     """The global rank of this process: the process group's, else torchrun's ``RANK`` (known before the group is
     joined), else 0."""
     return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    """The number of processes: the process group's, else torchrun's ``WORLD_SIZE``, else 1."""
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
 
 
 def rank_seed(seed: int) -> int:

@@ -4,7 +4,7 @@
   pre-training step (Sec. 2, Fig. 4): for a batch ``x`` of slices with meta-labels it samples one random transform
   ``T``, runs the U-Net **once** on ``[x, T(x)]``, aligns the untransformed view's decoder and encoder features with
   the same ``T``, scores L_MI and L_CC on every dense head and L_con on the global head (validity mask applied),
-  and steps.
+  and steps. The network and the heads run as one :class:`PretrainingModel` (the module DDP wraps).
 - :class:`MeanTeacherTrainer`, few-label fine-tuning plus the Mean Teacher consistency on unlabeled slices under the
   random transform ``T`` (Peng et al. 2024, Appendix E; Perone & Cohen-Adad 2018).
 
@@ -40,6 +40,7 @@ __all__ = [
     "MeanTeacherTrainer",
     "NonFiniteLossError",
     "PretrainTrainer",
+    "PretrainingModel",
     "backward_and_step",
     "batch_statistics_only",
     "derived_seed",
@@ -69,6 +70,74 @@ def transform_seed(seed: int, iteration: int) -> int:
 
 def _finite_scalars(values: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: float(v.detach()) for k, v in values.items()}
+
+
+class PretrainingModel(nn.Module):
+    """The network and the heads of pre-training as one module: ``forward`` computes, from the two views, the
+    objective's inputs that ``required_inputs`` names. It is the module DDP wraps (one forward call, so DDP's
+    gradient hooks are armed for every parameter); the network and the heads stay the objects the optimiser, the
+    checkpoints and the exported weights use.
+
+    Args:
+        network: the U-Net; ``forward_features`` runs once on ``cat([x, T(x)])`` (shared BatchNorm statistics).
+        transform: the equivariant transform ``T`` that aligns the untransformed view's features.
+        required_inputs: the objective's inputs to compute (:attr:`PretrainingObjective.required_inputs`).
+        dense_head: the K-way cluster heads (``p_hat``, ``p_tilde``).
+        global_head: the encoder projection head (``z_a``, ``z_b``).
+        dense_projector: the dense contrastive projector (``dense_a``, ``dense_b``, ``dense_mask``).
+        compile: wrap the network's feature pass in ``torch.compile``.
+    """
+
+    def __init__(
+        self,
+        network: FeatureUNet,
+        transform: EquivariantTransform,
+        required_inputs: frozenset[str],
+        dense_head: DenseClusterHead | None = None,
+        global_head: GlobalProjectionHead | None = None,
+        dense_projector: DenseProjectionHead | None = None,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.network = network
+        self.dense_head = dense_head
+        self.global_head = global_head
+        self.dense_projector = dense_projector
+        self.transform = transform
+        self.required_inputs = frozenset(required_inputs)
+        self.features = torch.compile(network.forward_features) if compile else network.forward_features
+
+    def forward(
+        self, x: torch.Tensor, x_t: torch.Tensor, valid: torch.Tensor, params: TransformParams
+    ) -> dict[str, torch.Tensor]:
+        """The objective's inputs for the views ``x`` and ``x_t = T(x)`` (``B,1,H,W`` each), ``T``'s validity mask
+        ``valid`` and parameters ``params``."""
+        tr, b = self.transform, x.shape[0]
+        feats = self.features(torch.cat([x, x_t]), with_logits=False)
+        out: dict[str, torch.Tensor] = {}
+        needs = self.required_inputs
+        if needs & {"p_hat", "dense_a"}:
+            # split, not slicing: the backward of two slices would allocate and zero-fill the whole 2B decoder
+            # gradient twice, the backward of a split concatenates the two halves once
+            dec_x, dec_t = feats["decoder"].split(b)
+            dec_tx, _ = tr.apply(dec_x, params)  # T(s(x)), aligned with s(T x) = dec_t
+            if "p_hat" in needs:
+                # two head calls rather than one on the concatenation: slicing an M,2B,K,H,W result would make the
+                # backward allocate and fill that whole tensor twice
+                out["p_hat"] = self.dense_head(dec_t)  # M,B,K,H,W fp32 softmax
+                out["p_tilde"] = self.dense_head(dec_tx)
+            if "dense_a" in needs:
+                emb = self.dense_projector(torch.cat([dec_t, dec_tx]))
+                out["dense_a"], out["dense_b"] = emb[:b], emb[b:]
+                grid = emb.shape[-2:]
+                out["dense_mask"] = (torch.nn.functional.adaptive_avg_pool2d(valid, grid) > 0.999).to(valid.dtype)
+        if "z_a" in needs:
+            enc_x, enc_t = feats["encoder"].split(b)
+            enc_tx, enc_valid = tr.apply(enc_x, params)  # T(e(x)), aligned with e(T x) = enc_t
+            z = self.global_head(torch.cat([enc_tx, enc_t]), torch.cat([enc_valid, enc_valid]))
+            out["z_a"], out["z_b"] = z[:b], z[b:]
+        return out
+
 
 
 class PretrainTrainer(SupervisedTrainer):
@@ -106,9 +175,15 @@ class PretrainTrainer(SupervisedTrainer):
         amp_dtype: ``"float16"`` or ``"bfloat16"``.
         train_handlers: Ignite/MONAI handlers.
         compile: wrap the network's feature pass in ``torch.compile``.
+        parallel: wraps the :class:`PretrainingModel` built from the network and the heads, e.g.
+            :func:`bundle.distributed.wrap` (DDP); the unwrapped modules stay the ones handlers and checkpoints see.
+        num_replicas: processes that each train on a share of one global batch (DDP); ``T`` is drawn for the global
+            batch of ``num_replicas x B`` slices and this process applies rows ``rank x B .. (rank + 1) x B - 1``.
+        rank: this process's index among the ``num_replicas``.
 
     Raises:
-        ValueError: when a head needed by an active loss term is missing.
+        ValueError: when a head needed by an active loss term is missing, or ``rank`` is not below
+            ``num_replicas``.
     """
 
     def __init__(
@@ -129,8 +204,13 @@ class PretrainTrainer(SupervisedTrainer):
         amp_dtype: str = "float16",
         train_handlers: Sequence | None = None,
         compile: bool = False,
+        parallel: Callable[[nn.Module], nn.Module] | None = None,
+        num_replicas: int = 1,
+        rank: int = 0,
         **kwargs: Any,
     ) -> None:
+        if not 0 <= int(rank) < int(num_replicas):
+            raise ValueError(f"rank must be in [0, num_replicas), got rank={rank}, num_replicas={num_replicas}.")
         device = torch.device(device)
         amp = bool(amp) and device.type == "cuda"
         super().__init__(
@@ -164,7 +244,9 @@ class PretrainTrainer(SupervisedTrainer):
         self.dense_projector = dense_projector
         self.seed = int(seed)
         self.amp_dtype = getattr(torch, amp_dtype)
-        self.features = torch.compile(network.forward_features) if compile else network.forward_features
+        self.num_replicas, self.rank = int(num_replicas), int(rank)
+        self.model = PretrainingModel(network, transform, needs, dense_head, global_head, dense_projector, compile)
+        self.forward_model = self.model if parallel is None else parallel(self.model)
         self._generator = torch.Generator(device="cpu")
         self.scaler = torch.amp.GradScaler("cuda") if amp else None
         # batches of epoch e are a pure function of (seed, e): tell an epoch-aware batch sampler which epoch runs,
@@ -187,44 +269,21 @@ class PretrainTrainer(SupervisedTrainer):
         return mods
 
     def _views(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Sample T, build both views, run the network once, and align the untransformed view's features."""
-        tr = self.transform
+        """Sample T, build both views, and run the pre-training model (once) on them."""
+        tr, b = self.transform, x.shape[0]
         self._generator.manual_seed(transform_seed(self.seed, self.state.iteration))
-        params = tr.sample(x.shape[0], generator=self._generator).to(x.device)
+        # T is drawn for the global batch and this process takes its rows: under DDP the processes together draw
+        # what one process with the whole batch draws
+        params = tr.sample(b * self.num_replicas, generator=self._generator)
+        if self.num_replicas > 1:
+            params = params.rows(self.rank * b, (self.rank + 1) * b)
+        params = params.to(x.device)
         x_t, valid = tr.apply_image(x, params)
         # one autocast region for the network, T and the heads: the heads' 1x1 convolutions take the network's
         # half-precision features under AMP (the dense head returns fp32 probabilities; the losses run in fp32)
         with torch.autocast(device_type=x.device.type, dtype=self.amp_dtype, enabled=self.amp):
-            return self._aligned_views(x, x_t, valid, params)
-
-    def _aligned_views(
-        self, x: torch.Tensor, x_t: torch.Tensor, valid: torch.Tensor, params: TransformParams
-    ) -> dict[str, torch.Tensor]:
-        tr, b = self.transform, x.shape[0]
-        feats = self.features(torch.cat([x, x_t]), with_logits=False)
-        out: dict[str, torch.Tensor] = {"image_t": x_t, "mask": valid}
-        needs = self.objective.required_inputs
-        if needs & {"p_hat", "dense_a"}:
-            # split, not slicing: the backward of two slices would allocate and zero-fill the whole 2B decoder
-            # gradient twice, the backward of a split concatenates the two halves once
-            dec_x, dec_t = feats["decoder"].split(b)
-            dec_tx, _ = tr.apply(dec_x, params)  # T(s(x)), aligned with s(T x) = dec_t
-            if "p_hat" in needs:
-                # two head calls rather than one on the concatenation: slicing an M,2B,K,H,W result would make the
-                # backward allocate and fill that whole tensor twice
-                out["p_hat"] = self.dense_head(dec_t)  # M,B,K,H,W fp32 softmax
-                out["p_tilde"] = self.dense_head(dec_tx)
-            if "dense_a" in needs:
-                emb = self.dense_projector(torch.cat([dec_t, dec_tx]))
-                out["dense_a"], out["dense_b"] = emb[:b], emb[b:]
-                grid = emb.shape[-2:]
-                out["dense_mask"] = (torch.nn.functional.adaptive_avg_pool2d(valid, grid) > 0.999).to(valid.dtype)
-        if "z_a" in needs:
-            enc_x, enc_t = feats["encoder"].split(b)
-            enc_tx, enc_valid = tr.apply(enc_x, params)  # T(e(x)), aligned with e(T x) = enc_t
-            z = self.global_head(torch.cat([enc_tx, enc_t]), torch.cat([enc_valid, enc_valid]))
-            out["z_a"], out["z_b"] = z[:b], z[b:]
-        return out
+            views = self.forward_model(x, x_t, valid, params)
+        return {"image_t": x_t, "mask": valid, **views}
 
     def _iteration(self, engine: PretrainTrainer, batchdata: dict[str, Any]) -> dict:  # type: ignore[override]
         if batchdata is None:

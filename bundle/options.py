@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import ast
 import difflib
+import inspect
 import logging
+import pydoc
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from monai.bundle import ConfigParser
+from monai.bundle.config_item import ComponentLocator
 from monai.bundle.utils import DEFAULT_EXP_MGMT_SETTINGS
 
 __all__ = ["check_command_line_ids", "check_finetune_options", "check_pretrain_options", "flag", "unknown_override_ids"]
@@ -190,13 +193,38 @@ def _has_id(config: Any, parts: Sequence[str]) -> bool:
     return True
 
 
+def _takes_argument(target: Any, name: str) -> str | None:
+    """How the callable a config component names (``"bundle.networks.FeatureUNet"``, MONAI's ``"Compose"``) takes
+    an argument ``name``: ``"named"`` (a parameter of that name), ``"kwargs"`` (through ``**kwargs``) or None (not
+    at all, no target, or one that cannot be located)."""
+    if not isinstance(target, str) or target.startswith(("$", "@", "%")):
+        return None
+    module = ComponentLocator().get_component_module_name(target) if "." not in target else None
+    candidates = [target] if module is None else [f"{m}.{target}" for m in ([module] if isinstance(module, str)
+                                                                           else module)]
+    for path in candidates:
+        component = pydoc.locate(path)
+        if component is None:
+            continue
+        try:
+            parameters = inspect.signature(component).parameters.values()
+        except (TypeError, ValueError):
+            return None
+        if any(p.name == name for p in parameters):
+            return "named"
+        return "kwargs" if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters) else None
+    return None
+
+
 def unknown_override_ids(argv: Sequence[str]) -> list[str]:
     """The ids a ``python -m monai.bundle run`` command line overrides that none of its config files defines, each
     with the closest defined id when there is one (``"num_cluster (did you mean num_clusters?)"``).
 
     MONAI adds such an id silently and nothing reads it, so a typo trains with the default. Ids written with a
-    leading ``+`` (MONAI's merge), ids under ``_meta_``, the run's own arguments and, with ``--tracking``, the
-    tracking settings are accepted. An empty list for any other command line (MONAI Label, the Python API).
+    leading ``+`` (MONAI's merge), ids under ``_meta_``, new arguments of a component that its ``_target_`` takes
+    (``network_def#dropout``; through ``**kwargs`` unless close to a key the component has), the run's own
+    arguments and, with ``--tracking``, the tracking settings are
+    accepted. An empty list for any other command line (MONAI Label, the Python API).
     """
     pairs = _run_overrides(argv)
     if pairs is None:
@@ -218,6 +246,9 @@ def unknown_override_ids(argv: Sequence[str]) -> list[str]:
         for part in parts[:-1]:
             parent = parent.get(part, {}) if isinstance(parent, dict) else {}
         close = difflib.get_close_matches(parts[-1], list(parent) if isinstance(parent, dict) else [], n=1)
+        takes = _takes_argument(parent.get("_target_"), parts[-1]) if isinstance(parent, dict) else None
+        if takes == "named" or (takes == "kwargs" and not close):
+            continue  # a new argument of a component, which its _target_ receives (**kwargs: unless a typo of a key)
         unknown.append(name + (f" (did you mean {'#'.join([*parts[:-1], close[0]])}?)" if close else ""))
     return unknown
 

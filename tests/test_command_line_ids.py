@@ -36,6 +36,14 @@ def test_nested_ids_list_indices_overlays_and_merge_keys() -> None:
     bad = _argv("training", "--config_file", files, "--train#trainer#max_epoch", "3", "--train#handlers#99", "1")
     assert unknown_override_ids(bad) == ["train#trainer#max_epoch (did you mean train#trainer#max_epochs?)",
                                          "train#handlers#99"]
+    # a new argument of a component is accepted when its _target_ takes it, refused (with a hint) otherwise
+    pretrain = str(REPO / "configs/pretrain.json")
+    assert unknown_override_ids(_argv("--config_file", pretrain, "--network_def#dropout", "0.1", "--network_def#norm",
+                                      "instance", "--objective#global_statistics", "false",
+                                      "--train#preprocessing#map_items", "false")) == []
+    assert unknown_override_ids(_argv("--config_file", pretrain, "--network_def#dropuot", "0.1",
+                                      "--train#preprocessing#lazy_mode", "1")) == ["network_def#dropuot",
+                                                                                 "train#preprocessing#lazy_mode"]
     # without the overlay, its ids are unknown
     assert unknown_override_ids(_argv("--config_file", str(REPO / "configs/train.json"), "--mt_weight", "1")) == [
         "mt_weight"]

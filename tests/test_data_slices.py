@@ -217,6 +217,23 @@ def test_sampler_fills_partitions_missing_in_short_scans() -> None:
         PartitionBatchSampler(ds, scans_per_batch=1)
 
 
+def test_sampler_shards_one_global_batch_over_processes() -> None:
+    ds = PretrainSliceDataset(_volumes((2, 9, 10, 11, 12, 13)), num_partitions=3, crop_size=(4, 4))  # scan 0 short
+    whole = list(PartitionBatchSampler(ds, scans_per_batch=4, iterations=6, seed=5))
+    shards = [PartitionBatchSampler(ds, scans_per_batch=2, iterations=6, seed=5, num_replicas=2, rank=r)
+              for r in (0, 1)]
+    for shard in shards:
+        shard.set_epoch(0)
+    ranks = [list(shard) for shard in shards]
+    # the processes' batches, concatenated in rank order, are the one-process batch with twice the scans ...
+    assert [a + b for a, b in zip(*ranks, strict=True)] == whole
+    # ... and each keeps scans_per_batch members per meta-label
+    for batch in ranks[1]:
+        assert Counter(slice_partition(k, ds.num_slices[s], 3) for s, k, _ in batch) == {0: 2, 1: 2, 2: 2}
+    with pytest.raises(ValueError, match="rank must be in"):
+        PartitionBatchSampler(ds, scans_per_batch=2, num_replicas=2, rank=2)
+
+
 # ----------------------------------------------------------------------------------------------- loader
 def _write_scans(tmp_path: Path, n: int) -> list[dict]:
     entries = []

@@ -187,9 +187,14 @@ class PartitionBatchSampler(Sampler[list[tuple[int, int, int]]]):
             scans_per_batch * dataset.num_partitions``.
         iterations: batches per epoch (``len(sampler)``).
         seed: seed of the draws; epoch ``e`` uses ``np.random.default_rng([seed, e])``.
+        num_replicas: processes sharing one global batch (DDP): each iteration draws ``num_replicas x
+            scans_per_batch`` scans, exactly as one process with that many scans per batch would, and this process
+            yields the items of its own ``scans_per_batch`` of them. Every process must use the same ``seed``.
+        rank: this process's index among the ``num_replicas``.
 
     Raises:
-        ValueError: for ``scans_per_batch < 2``, ``iterations < 1``, or a partition no scan has.
+        ValueError: for ``scans_per_batch < 2``, ``iterations < 1``, a ``rank`` outside ``[0, num_replicas)``, or a
+            partition no scan has.
 
     Example:
         >>> sampler = PartitionBatchSampler(ds, scans_per_batch=6, iterations=300)  # doctest: +SKIP
@@ -197,12 +202,21 @@ class PartitionBatchSampler(Sampler[list[tuple[int, int, int]]]):
     """
 
     def __init__(
-        self, dataset: PretrainSliceDataset, scans_per_batch: int = 6, iterations: int = 300, seed: int = 0
+        self,
+        dataset: PretrainSliceDataset,
+        scans_per_batch: int = 6,
+        iterations: int = 300,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
     ) -> None:
         if scans_per_batch < 2:
             raise ValueError(f"scans_per_batch must be >= 2 so every meta-label has positives, got {scans_per_batch}.")
         if iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {iterations}.")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, num_replicas), got rank={rank}, num_replicas={num_replicas}.")
+        self.num_replicas, self.rank = int(num_replicas), int(rank)
         self.partitions = dataset.partitions
         self.num_partitions = dataset.num_partitions
         self.scans_per_batch = int(scans_per_batch)
@@ -220,7 +234,7 @@ class PartitionBatchSampler(Sampler[list[tuple[int, int, int]]]):
 
     @property
     def batch_size(self) -> int:
-        """Slices per batch: ``scans_per_batch * num_partitions``."""
+        """Slices per batch of this process: ``scans_per_batch * num_partitions``."""
         return self.scans_per_batch * self.num_partitions
 
     def __len__(self) -> int:
@@ -238,15 +252,18 @@ class PartitionBatchSampler(Sampler[list[tuple[int, int, int]]]):
         self._explicit_epoch = False
         rng = np.random.default_rng([self.seed, epoch])
         n_scans = len(self.partitions)
-        replace = n_scans < self.scans_per_batch
+        total = self.scans_per_batch * self.num_replicas  # the global batch's scans
+        replace = n_scans < total
+        mine = range(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         for _ in range(self.iterations):
-            scans = rng.choice(n_scans, size=self.scans_per_batch, replace=replace)
-            draws = rng.integers(0, _DRAW_BOUND, size=(self.scans_per_batch, self.num_partitions))
+            scans = rng.choice(n_scans, size=total, replace=replace)
+            draws = rng.integers(0, _DRAW_BOUND, size=(total, self.num_partitions))
             batch: list[tuple[int, int, int]] = []
             for j, s in enumerate(scans.tolist()):
                 for p in range(self.num_partitions):
+                    # every process makes every draw of the global batch, so its stream stays the same
                     scan = s if self.partitions[s][p] else int(rng.choice(self.having[p]))
                     candidates = self.partitions[scan][p]
                     k = candidates[int(rng.integers(len(candidates)))]
                     batch.append((scan, k, int(draws[j, p])))
-            yield batch
+            yield batch[mine.start:mine.stop]

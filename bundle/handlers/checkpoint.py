@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from ignite.engine import Engine, Events
 from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointSaver
@@ -81,6 +82,9 @@ class TrainingStateCheckpoint:
         resume: restore from ``save_path`` when it exists. Set False to start over (the file is then
             overwritten at the first save).
 
+    Under a process group (torchrun) only rank 0 writes the file and every rank restores from it, so the replicas
+    resume with the same weights, optimiser state and iteration.
+
     Raises:
         ValueError: when the saved state does not match the current objects (another configuration): the
             message names the object and the mismatch, and nothing is trained.
@@ -110,6 +114,8 @@ class TrainingStateCheckpoint:
         return objs
 
     def save(self, engine: Engine) -> None:
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return  # the replicas are identical: rank 0's copy is the state
         state = {name: obj.state_dict() for name, obj in self._objects(engine).items()}
         state["engine"] = {"epoch": engine.state.epoch, "iteration": engine.state.iteration}
         atomic_save(state, self.save_path)

@@ -102,6 +102,16 @@ class TransformParams:
             gamma=self.gamma.to(device),
         )
 
+    def rows(self, start: int, stop: int) -> TransformParams:
+        """The parameters of samples ``start .. stop - 1`` (a process's share of a draw made for a global batch)."""
+        return TransformParams(
+            scale=self.scale[start:stop],
+            rotation=self.rotation[start:stop],
+            translation=self.translation[start:stop],
+            flip=self.flip[start:stop],
+            gamma=self.gamma[start:stop],
+        )
+
     @classmethod
     def identity(cls, batch_size: int, device: torch.device | str | None = None) -> TransformParams:
         """Parameters that leave every input unchanged (scale 1, no rotation, shift or flip, gamma 1)."""
