@@ -30,7 +30,6 @@ from torch import nn
 from torch.optim import Optimizer
 
 from bundle.losses import ConsistencyWeight, PretrainingObjective, softmax_mse_consistency
-from bundle.losses.utils import is_distributed
 from bundle.networks import DenseClusterHead, DenseProjectionHead, FeatureUNet, GlobalProjectionHead
 from bundle.transforms import EquivariantTransform, TransformParams
 
@@ -364,7 +363,11 @@ class MeanTeacherTrainer(SupervisedTrainer):
       mask)`` with ``w = ConsistencyWeight(consistency_weight, rampup_iterations)`` (sigmoid ramp-up).
 
     The teacher is not updated here: add :class:`bundle.handlers.MeanTeacherHandler` (EMA, decay 0.99) to the train
-    handlers. The standard ``IterationEvents`` are fired, and ``engine.state.output`` holds ``"image"``, ``"label"``,
+    handlers. Under DDP (``network`` wrapped, one process per device) both student passes run through the wrapper
+    and one backward averages their gradients over the processes; each process draws its own unlabeled slices and,
+    with its own ``seed``, its own ``T``.
+
+    The standard ``IterationEvents`` are fired, and ``engine.state.output`` holds ``"image"``, ``"label"``,
     ``"pred"`` (labeled predictions only, so the usual post-processing and metrics work), ``"loss"``, and
     ``"supervised_loss"``, ``"consistency_loss"``, ``"consistency_weight"``.
 
@@ -413,9 +416,6 @@ class MeanTeacherTrainer(SupervisedTrainer):
     ) -> None:
         if teacher is network:
             raise ValueError("the teacher must be a separate copy of the network (e.g. copy.deepcopy(network)).")
-        if isinstance(network, nn.parallel.DistributedDataParallel) or is_distributed():
-            raise ValueError("Mean Teacher does not run under DDP yet (its student makes two passes per step); "
-                             "fine-tune with configs/multi_gpu_train.json alone, or Mean Teacher on one device.")
         if teacher_mode not in self.TEACHER_MODES:
             raise ValueError(f"Unsupported teacher_mode: {teacher_mode!r}, available options are "
                              f"{list(self.TEACHER_MODES)}.")

@@ -19,11 +19,12 @@ TINY = {"features": [4, 8, 8, 16, 16, 4], "pixdim": [3.0, 3.0], "spatial_size": 
 SAVE_REPLICA = "$torch.save(@network.state_dict(), @output_dir + f'/rank{bundle.distributed.rank()}.pt')"
 
 
-def _torchrun(tmp: Path, tiny_acdc: Path, **extra: object) -> subprocess.CompletedProcess:
+def _torchrun(tmp: Path, tiny_acdc: Path, configs: tuple[str, ...] = ("configs/train.json",), **extra: object
+              ) -> subprocess.CompletedProcess:
     overrides = {**TINY, "bundle_root": str(tmp), "dataset_dir": str(tiny_acdc), "datalist": str(tmp / "dl.json"),
                  "finalize": [SAVE_REPLICA, "$bundle.distributed.cleanup()"], **extra}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle",
-           "run", "training", "--config_file", str(["configs/train.json", "configs/multi_gpu_train.json"]),
+           "run", "training", "--config_file", str([*configs, "configs/multi_gpu_train.json"]),
            "--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf"]
     for key, value in overrides.items():
         cmd += [f"--{key}", json.dumps(value) if isinstance(value, (list, dict)) else str(value)]
@@ -67,20 +68,24 @@ def test_outside_torchrun_the_overlay_says_how_to_launch(tmp_path: Path) -> None
 
     env = {k: os.environ.pop(k) for k in ("LOCAL_RANK", "WORLD_SIZE", "RANK") if k in os.environ}
     try:
-        with pytest.raises(RuntimeError, match="runs under torchrun"):
+        with pytest.raises(RuntimeError, match="run under torchrun"):
             setup()
     finally:
         os.environ.update(env)
 
 
-def test_mean_teacher_under_ddp_is_refused_with_a_reason() -> None:
-    from bundle.engines import MeanTeacherTrainer
-
-    class FakeDDP(torch.nn.parallel.DistributedDataParallel):
-        def __init__(self) -> None:  # no process group needed to test the check
-            torch.nn.Module.__init__(self)
-
-    with pytest.raises(ValueError, match="Mean Teacher does not run under DDP yet"):
-        MeanTeacherTrainer(device="cpu", max_epochs=1, train_data_loader=[], network=FakeDDP(), optimizer=None,
-                           loss_function=None, teacher=torch.nn.Linear(1, 1), unlabeled_data_loader=[],
-                           transform=None)
+def test_mean_teacher_under_ddp_keeps_one_student_and_one_teacher(tiny_acdc: Path, tmp_path: Path) -> None:
+    save_teacher = "$torch.save(@teacher.state_dict(), @output_dir + f'/teacher{bundle.distributed.rank()}.pt')"
+    run = _torchrun(tmp_path, tiny_acdc, configs=("configs/train.json", "configs/mean_teacher.json"),
+                    mt_batch_size=2, finalize=[SAVE_REPLICA, save_teacher, "$bundle.distributed.cleanup()"],
+                    # the teacher keeps its own BatchNorm statistics, which its forward passes on each rank's own
+                    # unlabeled slices move: only the handler's copy from rank 0 keeps the teachers equal
+                    mt_buffers="keep")
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = tmp_path / "runs" / "finetune_mt"
+    students, teachers = _replicas(out), [torch.load(out / f"teacher{r}.pt", weights_only=True) for r in (0, 1)]
+    for a, b in (students, teachers):
+        assert all(torch.equal(a[k], b[k]) for k in a), "the replicas stay identical, BatchNorm buffers included"
+    # the teacher is the EMA of the student, not a copy of it
+    assert not all(torch.equal(teachers[0][k], students[0][k]) for k in students[0])
+    assert (tmp_path / "models" / "model.pt").is_file()

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 from monai.utils import IgniteInfo, min_version, optional_import
 from torch import nn
 
@@ -185,6 +186,15 @@ class MeanTeacherHandler(EMATeacher):
     Same arguments as :class:`EMATeacher`. To resume training, put the handler in the checkpoint's ``save_dict``
     (e.g. ``{"model": student, "teacher": teacher, "mean_teacher": handler}``); it saves its update count.
 
+    When the run starts (``Events.STARTED``, after the handlers attached before it, e.g. a warm-start
+    ``CheckpointLoader``) the teacher becomes a copy of the student, parameters and buffers: the teacher of the
+    first iterations is the network fine-tuning starts from, whenever its weights were loaded.
+
+    Under a process group (torchrun, the student wrapped in DDP) the teacher is the same on every rank: the
+    replicas of the student are equal, so are their copies and their EMAs, and rank 0's teacher buffers (BatchNorm
+    statistics, which each rank's own batches move when ``buffers`` is ``"keep"`` or ``"ema"``) are copied to every
+    rank after each update.
+
     Example (config)::
 
         "teacher": "$copy.deepcopy(@network)",
@@ -193,9 +203,24 @@ class MeanTeacherHandler(EMATeacher):
     """
 
     def attach(self, engine: Engine) -> None:
-        """Register on ``Events.ITERATION_COMPLETED`` of ``engine`` (once, even if called twice)."""
+        """Register on ``Events.ITERATION_COMPLETED`` of ``engine`` (once, even if called twice), and the copy of the
+        student on ``Events.STARTED``."""
         if not engine.has_event_handler(self, Events.ITERATION_COMPLETED):
             engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        if not engine.has_event_handler(self.start_from_student, Events.STARTED):
+            engine.add_event_handler(Events.STARTED, self.start_from_student)
 
     def __call__(self, engine: Engine) -> None:
         self.update()
+        if _distributed():
+            for buffer in self.teacher.buffers():
+                dist.broadcast(buffer, src=0)
+
+    @torch.no_grad()
+    def start_from_student(self, engine: Engine | None = None) -> None:
+        """Make the teacher a copy of the student (parameters and buffers)."""
+        self.teacher.load_state_dict(self.student.state_dict())
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
