@@ -84,7 +84,6 @@ class PretrainingModel(nn.Module):
         dense_head: the K-way cluster heads (``p_hat``, ``p_tilde``).
         global_head: the encoder projection head (``z_a``, ``z_b``).
         dense_projector: the dense contrastive projector (``dense_a``, ``dense_b``, ``dense_mask``).
-        compile: wrap the network's feature pass in ``torch.compile``.
     """
 
     def __init__(
@@ -95,7 +94,6 @@ class PretrainingModel(nn.Module):
         dense_head: DenseClusterHead | None = None,
         global_head: GlobalProjectionHead | None = None,
         dense_projector: DenseProjectionHead | None = None,
-        compile: bool = False,
     ) -> None:
         super().__init__()
         self.network = network
@@ -104,7 +102,6 @@ class PretrainingModel(nn.Module):
         self.dense_projector = dense_projector
         self.transform = transform
         self.required_inputs = frozenset(required_inputs)
-        self.features = torch.compile(network.forward_features) if compile else network.forward_features
 
     def forward(
         self, x: torch.Tensor, x_t: torch.Tensor, valid: torch.Tensor, params: TransformParams
@@ -112,7 +109,7 @@ class PretrainingModel(nn.Module):
         """The objective's inputs for the views ``x`` and ``x_t = T(x)`` (``B,1,H,W`` each), ``T``'s validity mask
         ``valid`` and parameters ``params``."""
         tr, b = self.transform, x.shape[0]
-        feats = self.features(torch.cat([x, x_t]), with_logits=False)
+        feats = self.network.forward_features(torch.cat([x, x_t]), with_logits=False)
         out: dict[str, torch.Tensor] = {}
         needs = self.required_inputs
         if needs & {"p_hat", "dense_a"}:
@@ -173,7 +170,10 @@ class PretrainTrainer(SupervisedTrainer):
         amp: mixed precision for the network on CUDA (losses stay fp32); ignored on CPU.
         amp_dtype: ``"float16"`` or ``"bfloat16"``.
         train_handlers: Ignite/MONAI handlers.
-        compile: wrap the network's feature pass in ``torch.compile``.
+        compile: ``torch.compile`` the step's two parts: the pre-training model (network, ``T``'s alignment of the
+            features, heads and softmax; inside the DDP wrapper when there is one) and the objective (entropies,
+            joints, L_MI, L_CC, L_con), so that the compiler can fuse their many small element-wise kernels. The
+            maths is unchanged (``tests/test_compiled_path.py``); the first iterations pay the compilation.
         parallel: wraps the :class:`PretrainingModel` built from the network and the heads, e.g.
             :func:`bundle.distributed.wrap` (DDP); the unwrapped modules stay the ones handlers and checkpoints see.
         num_replicas: processes that each train on a share of one global batch (DDP); ``T`` is drawn for the global
@@ -244,8 +244,11 @@ class PretrainTrainer(SupervisedTrainer):
         self.seed = int(seed)
         self.amp_dtype = getattr(torch, amp_dtype)
         self.num_replicas, self.rank = int(num_replicas), int(rank)
-        self.model = PretrainingModel(network, transform, needs, dense_head, global_head, dense_projector, compile)
+        self.model = PretrainingModel(network, transform, needs, dense_head, global_head, dense_projector)
         self.forward_model = self.model if parallel is None else parallel(self.model)
+        self.compute_losses = objective
+        if compile:
+            self.forward_model, self.compute_losses = torch.compile(self.forward_model), torch.compile(objective)
         self._generator = torch.Generator(device="cpu")
         self.scaler = torch.amp.GradScaler("cuda") if amp else None
         # batches of epoch e are a pure function of (seed, e): tell an epoch-aware batch sampler which epoch runs,
@@ -300,7 +303,7 @@ class PretrainTrainer(SupervisedTrainer):
 
         views = engine._views(x)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        losses = engine.objective(
+        losses = engine.compute_losses(
             p_hat=views.get("p_hat"),
             p_tilde=views.get("p_tilde"),
             image=views["image_t"],

@@ -21,6 +21,7 @@ fp32, as in training.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import resource
@@ -79,6 +80,7 @@ class _Setup:
     x: torch.Tensor  # B,1,H,W images T acts on
     labels: torch.Tensor  # meta-labels of L_con
     x2: torch.Tensor  # 2B,1,H,W images of the U-Net step (x and T(x) in one batch)
+    compiled: bool = False  # the U-Net, the heads and the objective under torch.compile
 
     def autocast(self) -> torch.autocast:
         """fp16 autocast of the network on CUDA with ``amp``; a no-op otherwise."""
@@ -118,10 +120,12 @@ def _unet_part(s: _Setup) -> Callable[[], None]:
     g_enc = torch.randn(ref["encoder"].shape, generator=s.g).to(s.dev)
     del ref
 
+    features = torch.compile(s.net.forward_features, dynamic=False) if s.compiled else s.net.forward_features
+
     def unet_step() -> None:
         s.net.zero_grad(set_to_none=True)
         with s.autocast():
-            f = s.net.forward_features(s.x2, with_logits=False)
+            f = features(s.x2, with_logits=False)
         ((f["decoder"].float() * g_dec).sum() + (f["encoder"].float() * g_enc).sum()).backward()
 
     return unet_step
@@ -292,6 +296,7 @@ def step(
     threads: int = 2,
     device: str = "auto",
     amp: bool = True,
+    compile: bool = False,
     seed: int = 0,
     json_out: str | None = None,
 ) -> str:
@@ -309,6 +314,8 @@ def step(
         threads: torch CPU threads.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         amp: fp16 autocast for the network on CUDA.
+        compile: ``torch.compile`` the U-Net's feature pass, the heads and the objective (as ``--compile true`` of
+            pre-training does); the warm-up rounds pay the compilation (give ``warmup`` >= 2).
         seed: seed of the random inputs and weights.
         json_out: also write the result as JSON to this file.
     """
@@ -316,6 +323,10 @@ def step(
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     use_amp = bool(amp) and dev.type == "cuda"
     s = _make_setup(batch, size, features, num_clusters, num_heads, variant, seed, dev, use_amp)
+    if compile:
+        s = dataclasses.replace(s, compiled=True, dense_head=torch.compile(s.dense_head, dynamic=False),
+                                global_head=torch.compile(s.global_head, dynamic=False),
+                                objective=torch.compile(s.objective, dynamic=False))
 
     unet = _unet_part(s)
     mem_unet = _warm_up_peak_memory_mib(unet, warmup, dev)
@@ -337,6 +348,7 @@ def step(
         "device": str(dev),
         "threads": torch.get_num_threads(),
         "amp": use_amp,
+        "compile": bool(compile),
         "batch_slices": batch,
         "network_images": 2 * batch,
         "size": size,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU figures of docs/benchmarks.md ("On a GPU"), in one run of about 6 minutes on one H200:
 #   1. the objective on CUDA equals the CPU one (fp32, and fp16 probabilities under autocast);
-#   2. the paper-scale step benchmark with AMP (U-Net vs T + heads + losses);
+#   2. the paper-scale step benchmark with AMP (U-Net vs T + heads + losses), eager and under torch.compile (the U-Net's
+#      feature pass, the heads and the objective, as pre-training's --compile true);
 #   3. the pre-training loader's throughput on 100 generated patients (2 and 8 workers);
 #   4. the bundle's pre-training at paper scale (configs/pretrain.json as shipped: widths 32..512, 2 x 18 slices of
 #      224^2, K = 40, 3 heads, AMP) for 3 epochs x 100 iterations, with the GPU memory sampled by nvidia-smi;
@@ -23,7 +24,7 @@ TRAIN_CONFIG=${TRAIN_CONFIG:-configs/train.json}
 EVALUATE_CONFIG=${EVALUATE_CONFIG:-"['configs/train.json','configs/evaluate.json']"}
 mkdir -p "$OUT" "$ROOT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=".:${PYTHONPATH:-}"
-STEPS=${STEPS:-losses step_benchmark data loader_2_workers loader_8_workers pretrain finetune evaluate}
+STEPS=${STEPS:-losses step_benchmark step_benchmark_compiled data loader_2_workers loader_8_workers pretrain finetune evaluate}
 failures=0
 step() {  # step NAME LOGFILE COMMAND...: run, keep the whole output in $OUT/LOGFILE, time it
     local name=$1 logfile=$2
@@ -54,6 +55,8 @@ cat "$OUT/gpu.txt"
 
 step losses losses_cuda.txt $PY -m scripts.device_check losses
 step step_benchmark step.txt $PY -m scripts.benchmark step --device cuda --repeats 10 --warmup 3 --json_out "$OUT/step.json"
+step step_benchmark_compiled step_compiled.txt $PY -m scripts.benchmark step --device cuda --compile true --repeats 10 \
+    --warmup 3 --json_out "$OUT/step_compiled.json"
 step data data.txt $PY -m scripts.make_synthetic_data --output "$DATA" --num_patients 100 --num_workers 8
 step loader_2_workers loader2.txt $PY -m scripts.benchmark loader --data "$DATA" --num_workers 2 --num_batches 100
 step loader_8_workers loader8.txt $PY -m scripts.benchmark loader --data "$DATA" --num_workers 8 --num_batches 100
