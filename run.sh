@@ -14,7 +14,7 @@ setup() {
     if [ ! -f "$stamp" ]; then
         python -m pip install -q --upgrade pip
         python -m pip install -q torch==2.13.0          # CPU wheel first: a bare requirement pulls CUDA
-        python -m pip install -q -e ".[test]"
+        python -m pip install -q -e ".[test,tracking]"  # tracking: MLflow for --tracking mlflow and its test
         touch "$stamp"
     fi
 }

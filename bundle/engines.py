@@ -43,6 +43,7 @@ __all__ = [
     "backward_and_step",
     "batch_statistics_only",
     "derived_seed",
+    "step_output",
     "trainable_parameters",
     "transform_seed",
 ]
@@ -151,8 +152,11 @@ class PretrainTrainer(SupervisedTrainer):
     - ``objective(...)`` returns the total and each component; a NaN/Inf component stops the run with
       :class:`NonFiniteLossError` naming the iteration and the component, before the optimiser step.
 
-    ``engine.state.output`` holds ``"loss"`` and every component as detached tensors, and, under
-    ``"views"``, detached references to ``x_t``, the valid mask and ``p_hat`` for monitoring handlers.
+    During the iteration ``engine.state.output`` is a dict holding ``"loss"`` and every component as detached
+    tensors, and, under ``"views"``, detached references to ``x_t``, the valid mask and ``p_hat`` for monitoring
+    handlers. From ``ITERATION_COMPLETED`` on it is a one-item list holding that dict (:func:`step_output` reads
+    either): the form MONAI's decollating trainers leave, so that ``from_engine(["loss"], first=True)``, the output
+    transform of MONAI's stats and experiment-tracking handlers (``--tracking mlflow``), reads the loss.
 
     Args:
         device: the device to train on.
@@ -330,7 +334,15 @@ class PretrainTrainer(SupervisedTrainer):
         }
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         backward_and_step(engine, total)
-        return engine.state.output
+        return [engine.state.output]
+
+
+def step_output(output: Any) -> dict[str, Any]:
+    """A :class:`PretrainTrainer` step's output dict, from ``engine.state.output`` during the iteration (the dict)
+    or after it (a one-item list holding it); an empty dict before the first iteration."""
+    if isinstance(output, list):
+        return output[0] if output else {}
+    return output or {}
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ from bundle.engines import (
     NonFiniteLossError,
     PretrainTrainer,
     derived_seed,
+    step_output,
     trainable_parameters,
     transform_seed,
 )
@@ -90,7 +91,7 @@ def test_fires_iteration_events_and_reports_components():
         trainer.add_event_handler(ev, lambda e, ev=ev: fired.append(ev))
     trainer.run()
     assert fired.count(IterationEvents.MODEL_COMPLETED) == 2 and len(fired) == 8
-    out = trainer.state.output
+    out = step_output(trainer.state.output)
     assert {"loss", "mi", "cc", "con"} <= set(out) and "imsat" not in out
     expected = out["mi"] + out["cc"] + out["con"]
     torch.testing.assert_close(out["loss"], expected)
@@ -166,6 +167,7 @@ def test_monitor_warns_on_collapse_and_writes_pictures(tmp_path, caplog):
 
     class _State:
         iteration, epoch, max_epochs = 1, 1, 1
+        metrics: dict = {}
         output = {"loss": torch.tensor(1.0), "mi": torch.tensor(0.5), "views": views}
 
     class _Engine:
@@ -178,6 +180,9 @@ def test_monitor_warns_on_collapse_and_writes_pictures(tmp_path, caplog):
     monitor.close()
     assert any("cluster collapse" in r.message and r.levelno == logging.WARNING for r in caplog.records)
     assert any("epoch 1/1: loss=1.0000 mi=0.5000" in r.message for r in caplog.records)
+    metrics = _Engine.state.metrics  # the same figures for MONAI's standard handlers (MLflow, TensorBoard)
+    assert metrics["loss"] == 1.0 and metrics["mi"] == 0.5 and metrics["dead_clusters"] == k - 1
+    assert metrics["marginal_entropy"] == pytest.approx(0.0, abs=1e-6)
     health = PretrainMonitor.health(views)
     assert health["marginal_entropy"] == pytest.approx(0.0, abs=1e-6) and health["dead_clusters"] == k - 1
     pngs = list((tmp_path / "pictures").glob("iteration_*.png"))
@@ -212,6 +217,7 @@ def test_monitor_warns_when_mi_stalls_after_warmup_only(caplog):
     def _engine(epoch):
         class _State:
             iteration, max_epochs = 1, 3
+            metrics: dict = {}
             output = {"loss": torch.tensor(1.0), "views": views}
 
         _State.epoch = epoch

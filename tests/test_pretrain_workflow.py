@@ -10,6 +10,7 @@ import pytest
 import torch
 from monai.networks.nets import BasicUNet
 
+from bundle.engines import step_output
 from bundle.losses import VARIANTS
 
 
@@ -78,7 +79,7 @@ def test_every_ablation_variant_runs(bundle_workflow, pretrain_overrides, varian
     wf = _run(bundle_workflow, over)
     trainer = wf.parser.get_parsed_content("train#trainer")
     terms = set(trainer.objective.active_terms)
-    out = trainer.state.output
+    out = step_output(trainer.state.output)
     assert set(k for k in ("mi", "cc", "con", "imsat", "dense_con") if k in out) == terms
     assert torch.isfinite(out["loss"])
 

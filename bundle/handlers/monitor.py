@@ -9,10 +9,11 @@
   coloured cluster-assignment map, the cluster-entropy map, the Sobel edge map and the joint matrix P -- in
   TensorBoard and side by side as ``<log_dir>/pictures/iteration_NNNNNNN.png``;
 - every epoch: one log line with the mean of each component, the lr and the mutual information (in nats and as a
-  fraction of ``log K``), a warning when the clustering collapses (marginal entropy below
-  ``collapse_fraction * log K``) and a warning when, after the lr warm-up, the two views' cluster assignments
-  still share almost no information (MI below ``stall_fraction * log K``: the heads sit at the uniform
-  assignment, where the MI gradient vanishes, so no cluster forms).
+  fraction of ``log K``), the same figures in ``engine.state.metrics`` (:meth:`PretrainMonitor.epoch_metrics`, for
+  MONAI's standard handlers, e.g. MLflow with ``--tracking mlflow``), a warning when the clustering collapses
+  (marginal entropy below ``collapse_fraction * log K``) and a warning when, after the lr warm-up, the two views'
+  cluster assignments still share almost no information (MI below ``stall_fraction * log K``: the heads sit at the
+  uniform assignment, where the MI gradient vanishes, so no cluster forms).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from bundle.engines import step_output
 from bundle.losses import cluster_statistics, entropy_map, joint_distribution, sobel_edge_map
 
 __all__ = ["PretrainMonitor", "ProgressBar", "cluster_palette"]
@@ -117,7 +119,7 @@ class PretrainMonitor:
 
     # -- events ---------------------------------------------------------------------------------------------
     def iteration_completed(self, engine: Engine) -> None:
-        out = engine.state.output or {}
+        out = step_output(engine.state.output)
         it = engine.state.iteration
         values = _scalars(out)
         for k, v in values.items():
@@ -174,6 +176,7 @@ class PretrainMonitor:
             for k, v in means.items():
                 self.writer.add_scalar(f"epoch/{k}", v, engine.state.epoch)
             self.writer.flush()
+        engine.state.metrics.update(self.epoch_metrics(means, self._last_health))
         self._sums.clear()
         self._count = 0
 
@@ -186,6 +189,23 @@ class PretrainMonitor:
     def _close_on_error(self, engine: Engine, e: Exception) -> None:
         self.close()
         raise e
+
+    @staticmethod
+    def epoch_metrics(means: dict[str, float], health: dict[str, float]) -> dict[str, float]:
+        """What goes to ``engine.state.metrics`` at the end of an epoch, for MONAI's and ignite's standard handlers
+        (``MLFlowHandler``, ``TensorBoardStatsHandler``, ``StatsHandler`` log ``state.metrics`` per epoch): the
+        epoch mean of every loss component (``loss``, ``mi``, ``cc``, ``con``, ...) and the last clustering health
+        (``mutual_information`` in nats, ``mutual_information_fraction`` of log K, ``marginal_entropy``,
+        ``dead_clusters``)."""
+        metrics = dict(means)
+        if health:
+            metrics.update(
+                mutual_information=health["mutual_information"],
+                mutual_information_fraction=health["mutual_information"] / health["log_k"],
+                marginal_entropy=health["marginal_entropy"],
+                dead_clusters=health["dead_clusters"],
+            )
+        return metrics
 
     # -- measurements ---------------------------------------------------------------------------------------
     @staticmethod
@@ -249,7 +269,7 @@ class PretrainMonitor:
 
 
 class ProgressBar:
-    """Ignite's tqdm progress bar with the running-average loss (``engine.state.output["loss"]``).
+    """Ignite's tqdm progress bar with the running-average loss (the step output's ``"loss"``).
 
     Args:
         output_key: output entry to average and show.
@@ -269,5 +289,5 @@ class ProgressBar:
         from ignite.metrics import RunningAverage
 
         key = self.output_key
-        RunningAverage(output_transform=lambda out: float(out[key]), alpha=self.alpha).attach(engine, key)
+        RunningAverage(output_transform=lambda out: float(step_output(out)[key]), alpha=self.alpha).attach(engine, key)
         IgniteBar(persist=True).attach(engine, metric_names=[key])
