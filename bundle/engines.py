@@ -177,7 +177,9 @@ class PretrainTrainer(SupervisedTrainer):
         compile: ``torch.compile`` the step's two parts: the pre-training model (network, ``T``'s alignment of the
             features, heads and softmax; inside the DDP wrapper when there is one) and the objective (entropies,
             joints, L_MI, L_CC, L_con), so that the compiler can fuse their many small element-wise kernels. The
-            maths is unchanged (``tests/test_compiled_path.py``); the first iterations pay the compilation.
+            maths is unchanged (``tests/test_compiled_path.py``); the first iterations pay the compilation. Meant
+            for CUDA: on the CPU, torch 2.13's inductor fails on the U-Net's backward (the configs refuse it there,
+            :func:`bundle.options.check_compile`).
         parallel: wraps the :class:`PretrainingModel` built from the network and the heads, e.g.
             :func:`bundle.distributed.wrap` (DDP); the unwrapped modules stay the ones handlers and checkpoints see.
         num_replicas: processes that each train on a share of one global batch (DDP); ``T`` is drawn for the global

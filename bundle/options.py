@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from monai.bundle import ConfigParser
 from monai.bundle.config_item import ComponentLocator
 from monai.bundle.utils import DEFAULT_EXP_MGMT_SETTINGS
@@ -143,6 +144,21 @@ def check_finetune_options(
             problems.append(f"{name} must be a positive integer, got {v!r}")
     if problems:
         raise _fail("invalid fine-tuning options:\n  - " + "\n  - ".join(problems))
+
+
+def check_compile(compile: Any, device: Any) -> None:
+    """Refuse ``compile`` of pre-training off CUDA, before any work: it is meant for GPUs (the method's overhead
+    there, see docs/benchmarks.md), and on the CPU torch's default compiler (inductor, torch 2.13) fails on the
+    U-Net's backward (a stride assertion in ``replication_pad2d_backward``; ``python -m scripts.benchmark step
+    --compile true --device cpu`` reproduces it).
+
+    Raises:
+        ValueError: when ``compile`` is true and ``device`` is not a CUDA device.
+    """
+    if flag(compile, "compile") and torch.device(device).type != "cuda":
+        raise _fail(f"compile is for CUDA devices, got device {device}: on the CPU, torch's inductor fails on the "
+                    "U-Net's backward (replication_pad2d_backward); run without --compile (the eager step is the "
+                    "default and computes the same).")
 
 
 #: arguments of ``monai.bundle run`` itself (and of the workflow it creates), not config ids.

@@ -180,3 +180,11 @@ def test_a_false_typed_on_the_command_line_is_false_and_a_bad_value_is_named(bun
         bad.initialize()  # rejected before anything is built
     message = str(_root_cause(info.value))
     assert "resume must be a boolean" in message and "'maybe'" in message
+
+
+def test_compile_off_cuda_is_refused_before_any_work(bundle_workflow, pretrain_overrides, tmp_path):
+    wf = bundle_workflow(["pretrain"], **{**pretrain_overrides, "compile": "true"})
+    with pytest.raises(Exception) as info:
+        wf.initialize()
+    assert "compile is for CUDA devices" in str(_root_cause(info.value))
+    assert not (tmp_path / "runs").exists()  # nothing written
