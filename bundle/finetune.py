@@ -30,7 +30,8 @@ from torch import nn
 
 from bundle.data.checks import check_entries
 
-__all__ = ["check_validation_scans", "checkpoint_loader_path", "load_pretrained", "segmentation_loss"]
+__all__ = ["check_teacher_update", "check_validation_scans", "checkpoint_loader_path", "load_pretrained",
+           "segmentation_loss"]
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +150,23 @@ def check_validation_scans(entries: Sequence[Mapping[str, Any]], num_classes: in
                        "(not the best-validation ones).")
         return
     check_entries(entries, num_classes=num_classes, require_label=True, channel=channel, name="validation scans")
+
+
+def check_teacher_update(handlers: Sequence[Any] | None, teacher: nn.Module) -> None:
+    """Mean Teacher's train handlers must include one that updates ``teacher`` (a
+    :class:`bundle.handlers.MeanTeacherHandler`): ``configs/mean_teacher.json`` adds it to ``train#handlers``, and a
+    later override of ``train#handlers`` (command line, args file, an application) would drop it, leaving the
+    teacher a frozen copy without a word.
+
+    Raises:
+        ValueError: when no handler updates ``teacher``.
+    """
+    if not any(getattr(h, "teacher", None) is teacher and callable(getattr(h, "update", None)) for h in handlers or []):
+        message = ("Mean Teacher: no train handler updates the teacher (a bundle.handlers.MeanTeacherHandler with "
+                   "teacher @teacher); train#handlers was probably overridden after configs/mean_teacher.json added "
+                   "it: add it to the new list.")
+        logger.error(message)
+        raise ValueError(message)
 
 
 def segmentation_loss(loss_type: str = "ce", lambda_dice: float = 1.0, lambda_ce: float = 1.0) -> DiceCELoss:

@@ -209,10 +209,9 @@ def _has_id(config: Any, parts: Sequence[str]) -> bool:
     return True
 
 
-def _takes_argument(target: Any, name: str) -> str | None:
-    """How the callable a config component names (``"bundle.networks.FeatureUNet"``, MONAI's ``"Compose"``) takes
-    an argument ``name``: ``"named"`` (a parameter of that name), ``"kwargs"`` (through ``**kwargs``) or None (not
-    at all, no target, or one that cannot be located)."""
+def _parameters(target: Any) -> list[inspect.Parameter] | None:
+    """The parameters of the callable a config component names (``"bundle.networks.FeatureUNet"``, MONAI's
+    ``"Compose"``); None when there is no target or it cannot be located or inspected."""
     if not isinstance(target, str) or target.startswith(("$", "@", "%")):
         return None
     module = ComponentLocator().get_component_module_name(target) if "." not in target else None
@@ -220,16 +219,25 @@ def _takes_argument(target: Any, name: str) -> str | None:
                                                                            else module)]
     for path in candidates:
         component = pydoc.locate(path)
-        if component is None:
-            continue
-        try:
-            parameters = inspect.signature(component).parameters.values()
-        except (TypeError, ValueError):
-            return None
-        if any(p.name == name for p in parameters):
-            return "named"
-        return "kwargs" if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters) else None
+        if component is not None:
+            try:
+                return list(inspect.signature(component).parameters.values())
+            except (TypeError, ValueError):
+                return None
     return None
+
+
+def _parameter_names(target: Any) -> list[str]:
+    return [p.name for p in _parameters(target) or [] if p.kind != inspect.Parameter.VAR_KEYWORD]
+
+
+def _takes_argument(target: Any, name: str) -> str | None:
+    """How a component's ``_target_`` takes an argument ``name``: ``"named"`` (a parameter of that name),
+    ``"kwargs"`` (through ``**kwargs``) or None (not at all, or the target is unknown)."""
+    parameters = _parameters(target) or []
+    if any(p.name == name for p in parameters):
+        return "named"
+    return "kwargs" if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters) else None
 
 
 def unknown_override_ids(argv: Sequence[str]) -> list[str]:
@@ -261,10 +269,13 @@ def unknown_override_ids(argv: Sequence[str]) -> list[str]:
         parent = config
         for part in parts[:-1]:
             parent = parent.get(part, {}) if isinstance(parent, dict) else {}
-        close = difflib.get_close_matches(parts[-1], list(parent) if isinstance(parent, dict) else [], n=1)
-        takes = _takes_argument(parent.get("_target_"), parts[-1]) if isinstance(parent, dict) else None
+        target = parent.get("_target_") if isinstance(parent, dict) else None
+        known = [*(parent if isinstance(parent, dict) else []), *_parameter_names(target)]
+        close = difflib.get_close_matches(parts[-1], known, n=1)
+        takes = _takes_argument(target, parts[-1])
         if takes == "named" or (takes == "kwargs" and not close):
-            continue  # a new argument of a component, which its _target_ receives (**kwargs: unless a typo of a key)
+            continue  # a new argument of a component, which its _target_ receives (**kwargs: unless a typo of a
+            # key or of one of its named parameters)
         unknown.append(name + (f" (did you mean {'#'.join([*parts[:-1], close[0]])}?)" if close else ""))
     return unknown
 

@@ -37,6 +37,7 @@ import torch
 from bundle.engines import transform_seed
 from bundle.losses import PretrainingObjective
 from bundle.networks import PAPER_FEATURES, DenseClusterHead, FeatureUNet, GlobalProjectionHead
+from bundle.options import flag
 from bundle.transforms import EquivariantTransform, TransformParams
 from scripts import benchmark_loader
 
@@ -314,14 +315,16 @@ def step(
         threads: torch CPU threads.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         amp: fp16 autocast for the network on CUDA.
-        compile: ``torch.compile`` the U-Net's feature pass, the heads and the objective (as ``--compile true`` of
-            pre-training does); the warm-up rounds pay the compilation (give ``warmup`` >= 2).
+        compile: ``torch.compile`` the U-Net's feature pass, the heads and the objective, each on its own (T's
+            alignment stays eager; pre-training's ``--compile true`` compiles the network, T's alignment and the
+            heads as one module, so this approximates it); the warm-up rounds pay the compilation (give ``warmup``
+            >= 2). CUDA only in practice (on the CPU, torch 2.13's inductor fails on the U-Net's backward).
         seed: seed of the random inputs and weights.
         json_out: also write the result as JSON to this file.
     """
     torch.set_num_threads(int(threads))
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    use_amp = bool(amp) and dev.type == "cuda"
+    use_amp, compile = flag(amp, "amp") and dev.type == "cuda", flag(compile, "compile")  # fire passes "false"
     s = _make_setup(batch, size, features, num_clusters, num_heads, variant, seed, dev, use_amp)
     if compile:
         s = dataclasses.replace(s, compiled=True, dense_head=torch.compile(s.dense_head, dynamic=False),
@@ -348,7 +351,7 @@ def step(
         "device": str(dev),
         "threads": torch.get_num_threads(),
         "amp": use_amp,
-        "compile": bool(compile),
+        "compile": compile,
         "batch_slices": batch,
         "network_images": 2 * batch,
         "size": size,

@@ -2,7 +2,7 @@
 # The GPU figures of docs/benchmarks.md ("On a GPU"), in one run of about 6 minutes on one H200:
 #   1. the objective on CUDA equals the CPU one (fp32, and fp16 probabilities under autocast);
 #   2. the paper-scale step benchmark with AMP (U-Net vs T + heads + losses), eager and under torch.compile (the U-Net's
-#      feature pass, the heads and the objective, as pre-training's --compile true);
+#      feature pass, the heads and the objective, each compiled on its own; T's alignment eager);
 #   3. the pre-training loader's throughput on 100 generated patients (2 and 8 workers);
 #   4. the bundle's pre-training at paper scale (configs/pretrain.json as shipped: widths 32..512, 2 x 18 slices of
 #      224^2, K = 40, 3 heads, AMP) for 3 epochs x 100 iterations, with the GPU memory sampled by nvidia-smi;

@@ -42,8 +42,12 @@ def test_nested_ids_list_indices_overlays_and_merge_keys() -> None:
                                       "instance", "--objective#global_statistics", "false",
                                       "--train#preprocessing#map_items", "false")) == []
     assert unknown_override_ids(_argv("--config_file", pretrain, "--network_def#dropuot", "0.1",
-                                      "--train#preprocessing#lazy_mode", "1")) == ["network_def#dropuot",
-                                                                                 "train#preprocessing#lazy_mode"]
+                                      "--train#preprocessing#lazy_mode", "1")) == [
+        "network_def#dropuot (did you mean network_def#dropout?)",
+        "train#preprocessing#lazy_mode (did you mean train#preprocessing#lazy?)"]
+    # through **kwargs (PretrainTrainer forwards them), a near miss of a named parameter is still a typo
+    assert unknown_override_ids(_argv("--config_file", pretrain, "--train#trainer#num_replica", "2")) == [
+        "train#trainer#num_replica (did you mean train#trainer#num_replicas?)"]
     # without the overlay, its ids are unknown
     assert unknown_override_ids(_argv("--config_file", str(REPO / "configs/train.json"), "--mt_weight", "1")) == [
         "mt_weight"]

@@ -288,6 +288,28 @@ def test_mean_teacher_weight_ramp_up_and_unlabeled_cycling() -> None:
     assert not torch.equal(teacher.conv.weight, student.conv.weight)  # EMA lags behind the student
 
 
+def test_a_resumed_teacher_is_kept_and_a_missing_update_handler_is_refused(
+    bundle_workflow, tiny_overrides, tiny_paths
+) -> None:
+    student, teacher = _PixelNet(0), _PixelNet(7)
+    handler = MeanTeacherHandler(teacher, student, decay=0.99)
+    handler.start_from_student()
+    assert torch.equal(teacher.conv.weight, student.conv.weight)  # a new run: the teacher starts as the student
+    restored = _PixelNet(3)
+    teacher.load_state_dict(restored.state_dict())
+    handler.load_state_dict({"step": 5})  # a resumed run: teacher and update count restored
+    handler.start_from_student()
+    assert torch.equal(teacher.conv.weight, restored.conv.weight)
+    # overriding train#handlers after the overlay added the EMA handler is refused before training
+    _save_pretrained(Path(tiny_paths["pretrained_path"]), out_channels=4)
+    plain = bundle_workflow(["train"], **tiny_overrides, **tiny_paths).parser.get("train#handlers")
+    wf = bundle_workflow(["train", "mean_teacher"], **tiny_overrides, **tiny_paths, mt_batch_size=2,
+                         **{"train#handlers": plain})
+    with pytest.raises(Exception) as info:
+        wf.initialize()
+    assert "no train handler updates the teacher" in str(info.value) + str(info.value.__cause__)
+
+
 def test_mean_teacher_bad_inputs() -> None:
     student = _PixelNet(0)
     with pytest.raises(ValueError, match="separate copy"):
@@ -393,8 +415,12 @@ def test_mean_teacher_overlay_runs_end_to_end(bundle_workflow, tiny_overrides, t
     assert isinstance(trainer, MeanTeacherTrainer)
     names = [type(h).__name__ for h in wf.parser.get_parsed_content("train#trainer#train_handlers")]
     assert names[-1] == "MeanTeacherHandler" and "ValidationHandler" in names  # train.json's handlers + the EMA's
+    student = wf.parser.get_parsed_content("network")
+    with torch.no_grad():  # a warm start after the teacher was built (e.g. MONAI Label's CheckpointLoader)
+        student.final_conv.weight.add_(0.5)
+    start = copy.deepcopy(student.state_dict())
     first_teacher: dict[str, torch.Tensor] = {}
-    trainer.add_event_handler(  # the teacher of the first iteration is the pre-trained network
+    trainer.add_event_handler(  # the teacher of the first iteration is the network fine-tuning starts from
         Events.ITERATION_STARTED(once=1), lambda e: first_teacher.update(copy.deepcopy(teacher.state_dict())))
     terms: list[tuple[float, float]] = []
     trainer.add_event_handler(
@@ -403,8 +429,8 @@ def test_mean_teacher_overlay_runs_end_to_end(bundle_workflow, tiny_overrides, t
     )
     wf.run()
     assert len(terms) == 2 and all(math.isfinite(c) and c > 0 and w == 1.0 for c, w in terms)
-    assert all(torch.equal(first_teacher[k], v) for k, v in source.items())
-    student = wf.parser.get_parsed_content("network")
+    assert all(torch.equal(first_teacher[k], v) for k, v in start.items())
+    assert not torch.equal(start["final_conv.weight"], source["final_conv.weight"])
     assert not torch.equal(teacher.final_conv.weight, student.final_conv.weight)
     assert (tmp_path / "models" / "model.pt").is_file()
 

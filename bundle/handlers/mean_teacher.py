@@ -187,13 +187,14 @@ class MeanTeacherHandler(EMATeacher):
     (e.g. ``{"model": student, "teacher": teacher, "mean_teacher": handler}``); it saves its update count.
 
     When the run starts (``Events.STARTED``, after the handlers attached before it, e.g. a warm-start
-    ``CheckpointLoader``) the teacher becomes a copy of the student, parameters and buffers: the teacher of the
-    first iterations is the network fine-tuning starts from, whenever its weights were loaded.
+    ``CheckpointLoader``) the teacher becomes a copy of the student, parameters and buffers, unless it was restored
+    with a non-zero update count: the teacher of the first iterations is the network fine-tuning starts from,
+    whenever its weights were loaded.
 
     Under a process group (torchrun, the student wrapped in DDP) the teacher is the same on every rank: the
-    replicas of the student are equal, so are their copies and their EMAs, and rank 0's teacher buffers (BatchNorm
-    statistics, which each rank's own batches move when ``buffers`` is ``"keep"`` or ``"ema"``) are copied to every
-    rank after each update.
+    replicas of the student are equal, so are their copies and the EMAs of their parameters; the teacher's buffers
+    (BatchNorm statistics, which each rank's own batches move, in the student after DDP's broadcast and in a
+    train-mode teacher) are copied from rank 0 to every rank after each update, in one coalesced broadcast.
 
     Example (config)::
 
@@ -213,13 +214,29 @@ class MeanTeacherHandler(EMATeacher):
     def __call__(self, engine: Engine) -> None:
         self.update()
         if _distributed():
-            for buffer in self.teacher.buffers():
-                dist.broadcast(buffer, src=0)
+            _broadcast_from_rank_zero(list(self.teacher.buffers()))
 
     @torch.no_grad()
     def start_from_student(self, engine: Engine | None = None) -> None:
-        """Make the teacher a copy of the student (parameters and buffers)."""
-        self.teacher.load_state_dict(self.student.state_dict())
+        """Make the teacher a copy of the student (parameters and buffers), unless it has been updated already (a
+        resumed run whose teacher and update count were restored keeps its teacher)."""
+        if self.step == 0:
+            self.teacher.load_state_dict(self.student.state_dict())
+
+
+@torch.no_grad()
+def _broadcast_from_rank_zero(tensors: list[torch.Tensor]) -> None:
+    """Copy rank 0's values of ``tensors`` into every rank's, with one broadcast per dtype."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        by_dtype.setdefault(tensor.dtype, []).append(tensor)
+    for group in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        dist.broadcast(flat, src=0)
+        offset = 0
+        for t in group:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
 
 
 def _distributed() -> bool:

@@ -286,8 +286,14 @@ class ProgressBar:
         if self.disable:
             return
         from ignite.handlers import ProgressBar as IgniteBar
-        from ignite.metrics import RunningAverage
 
-        key = self.output_key
-        RunningAverage(output_transform=lambda out: float(step_output(out)[key]), alpha=self.alpha).attach(engine, key)
-        IgniteBar(persist=True).attach(engine, metric_names=[key])
+        # the running average is kept here rather than by ignite's RunningAverage, which all-reduces its value over
+        # the processes: with the bar on rank 0 only (torchrun) that collective would wait for ranks that never call it
+        key, running = self.output_key, {}
+
+        def smoothed(out: Any) -> dict[str, float]:
+            value = float(step_output(out)[key])
+            running[key] = value if key not in running else self.alpha * running[key] + (1 - self.alpha) * value
+            return dict(running)
+
+        IgniteBar(persist=True).attach(engine, output_transform=smoothed)
