@@ -54,20 +54,23 @@ def _run(objective: PretrainingObjective, inputs: dict[str, torch.Tensor]) -> tu
     return {k: v.detach() for k, v in out.items()}, {k: inputs[k].grad for k in _LEAVES}
 
 
-def _worker(rank: int, init_file: str, out_dir: str, global_statistics: bool) -> None:
+def _worker(rank: int, init_file: str, out_dir: str, global_statistics: bool, compiled: bool) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         objective = PretrainingObjective.from_variant("ours", global_statistics=global_statistics)
+        if compiled:  # pre-training's --compile true: the collectives inside a compiled objective (graph capture of
+            # inductor, without its C++ generation; see tests/test_compiled_path.py)
+            objective = torch.compile(objective, backend="aot_eager", dynamic=False)
         values, grads = _run(objective, _part(_batch(), rank))
         torch.save({"values": values, "grads": grads}, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def _two_processes(global_statistics: bool) -> list[dict]:
+def _two_processes(global_statistics: bool, compiled: bool = False) -> list[dict]:
     with tempfile.TemporaryDirectory() as folder:
         init_file = os.path.join(folder, "init")
-        mp.spawn(_worker, args=(init_file, folder, global_statistics), nprocs=WORLD, join=True)
+        mp.spawn(_worker, args=(init_file, folder, global_statistics, compiled), nprocs=WORLD, join=True)
         return [torch.load(Path(folder) / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
@@ -76,9 +79,10 @@ def single() -> tuple[dict, dict]:
     return _run(PretrainingObjective.from_variant("ours"), _batch())
 
 
-def test_two_processes_equal_one_process_with_the_whole_batch(single: tuple[dict, dict]) -> None:
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_two_processes_equal_one_process_with_the_whole_batch(single: tuple[dict, dict], compiled: bool) -> None:
     values, grads = single
-    ranks = _two_processes(global_statistics=True)
+    ranks = _two_processes(global_statistics=True, compiled=compiled)
     # L_MI of the pooled joint: the same value on every process
     for r in ranks:
         torch.testing.assert_close(r["values"]["mi"], values["mi"], rtol=1e-10, atol=1e-12)
