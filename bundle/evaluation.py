@@ -29,6 +29,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from bundle.data.checks import DataCheckError, check_entries
+from bundle.data.preprocessing import IMAGE_SUFFIXES
 from bundle.data.sources import nifti_stem
 from bundle.metrics import scan_metrics, summarize
 
@@ -69,12 +70,13 @@ def require_file(path: str | os.PathLike, what: str = "file") -> str:
 
 def list_images(
     folder: str | os.PathLike,
-    pattern: str = "*.nii*",
+    pattern: str = "*",
     exclude_suffixes: Sequence[str] = ("_gt", "_seg"),
     missing_ok: bool = False,
 ) -> list[str]:
-    """Sorted NIfTI files of ``folder`` matching ``pattern`` (``**/`` patterns search sub-folders), leaving out
-    ground-truth and output files (file stems ending with one of ``exclude_suffixes``).
+    """Sorted image files (NIfTI ``.nii``/``.nii.gz`` or NRRD ``.nrrd``) of ``folder`` matching ``pattern`` (``**/``
+    patterns search sub-folders), leaving out ground-truth and output files (file stems ending with one of
+    ``exclude_suffixes``) and every other file.
 
     Args:
         missing_ok: return ``[]`` for a missing folder or no match instead of raising (for configs parsed by
@@ -90,11 +92,11 @@ def list_images(
         raise FileNotFoundError(f"{root}: input folder of the images to segment does not exist.")
     files = sorted(
         str(p) for p in root.glob(pattern)
-        if p.is_file() and p.name.endswith((".nii", ".nii.gz")) and not nifti_stem(p).endswith(tuple(exclude_suffixes))
+        if p.is_file() and p.name.endswith(IMAGE_SUFFIXES) and not nifti_stem(p).endswith(tuple(exclude_suffixes))
     )
     if not files and not missing_ok:
         excluded = ", ".join(f"*{s}" for s in exclude_suffixes)
-        raise FileNotFoundError(f"{root}: no NIfTI image matches {pattern!r} (excluding {excluded}).")
+        raise FileNotFoundError(f"{root}: no NIfTI or NRRD image matches {pattern!r} (excluding {excluded}).")
     return files
 
 
@@ -126,7 +128,7 @@ def report_bad_inputs(inputs: Mapping[str, Any]) -> None:
                        f"segmented:\n{lines}")
 
 
-def require_inputs(inputs: Mapping[str, Any], folder: str | os.PathLike, pattern: str = "*.nii*") -> None:
+def require_inputs(inputs: Mapping[str, Any], folder: str | os.PathLike, pattern: str = "*") -> None:
     """At the start of the run: stop when there is nothing to segment (an empty input list is not an error
     earlier, so that tools can initialise the workflow without inputs, e.g. the model zoo's property checks).
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from bundle.evaluation import SegmentationMetricsSaver, list_images
+from bundle.evaluation import SegmentationMetricsSaver, check_inputs, list_images
 from bundle.networks import FeatureUNet
 
 TINY = (4, 8, 8, 16, 16, 4)
@@ -164,6 +164,39 @@ def test_inference_writes_segmentations_with_the_input_geometry(
     np.testing.assert_array_equal(b, a[::-1])  # same anatomy stored flipped -> same segmentation, flipped
 
 
+def _write_nrrd_copy(src: Path, dst: Path) -> None:
+    """The same scan as NRRD: the voxels in file order, the RAS affine written as NRRD's LPS header."""
+    import nrrd
+
+    img = nib.load(src)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ img.affine
+    nrrd.write(str(dst), np.asanyarray(img.dataobj), {"space": "left-posterior-superior",
+                                                      "space directions": lps[:3, :3].T, "space origin": lps[:3, 3]})
+
+
+def test_inference_reads_nrrd_as_it_reads_nifti(bundle_workflow, tiny_overrides, tiny_acdc: Path, tmp_path: Path
+                                                ) -> None:
+    inputs, src = _model_and_input_folder(tmp_path, tiny_acdc)
+    (inputs / "a.nii.gz").write_bytes(src.read_bytes())
+    _write_nrrd_copy(src, inputs / "b.nrrd")
+    (inputs / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    wf = bundle_workflow(["inference"], workflow_type="infer", **tiny_overrides, bundle_root=str(tmp_path),
+                         dataset_dir=str(inputs), output_dir=str(out))
+    wf.initialize()
+    wf.run()
+    assert sorted(p.name for p in out.iterdir()) == ["a_seg.nii.gz", "b_seg.nii.gz"]
+    a, b = nib.load(out / "a_seg.nii.gz"), nib.load(out / "b_seg.nii.gz")
+    np.testing.assert_allclose(b.affine, nib.load(src).affine, atol=1e-4)  # the NRRD input's world geometry
+    assert len(np.unique(np.asanyarray(a.dataobj))) > 1
+    np.testing.assert_array_equal(np.asanyarray(b.dataobj), np.asanyarray(a.dataobj))  # the same segmentation
+    # a broken NRRD is named like a broken NIfTI, and does not stop the good inputs
+    (inputs / "c.nrrd").write_bytes(b"NRRD0004\ntype: float\ndimension: 3\nsizes: 4 4\n\n")
+    checked = check_inputs(list_images(inputs))
+    assert len(checked["good"]) == 2 and list(checked["bad"]) == [str(inputs / "c.nrrd")]
+    assert "unreadable or corrupt image file" in checked["bad"][str(inputs / "c.nrrd")]
+
+
 def test_inference_on_a_given_list_of_files(bundle_workflow, tiny_overrides, tiny_acdc: Path, tmp_path: Path) -> None:
     _random_model(tmp_path / "models" / "model.pt")
     chosen = tiny_acdc / "patient002" / "patient002_frame01.nii.gz"
@@ -259,10 +292,11 @@ def test_inference_without_inputs_initialises_and_stops_at_run_naming_the_folder
 
 
 def test_list_images(tmp_path: Path) -> None:
-    for name in ("b.nii.gz", "a.nii", "a_gt.nii.gz", "a_seg.nii.gz", "notes.txt"):
+    for name in ("b.nii.gz", "a.nii", "a_gt.nii.gz", "a_seg.nii.gz", "notes.txt", "c.nrrd", "c_seg.nrrd"):
         (tmp_path / name).write_bytes(b"")
-    assert [Path(p).name for p in list_images(tmp_path)] == ["a.nii", "b.nii.gz"]
-    with pytest.raises(FileNotFoundError, match="no NIfTI image"):
+    assert [Path(p).name for p in list_images(tmp_path)] == ["a.nii", "b.nii.gz", "c.nrrd"]
+    assert [Path(p).name for p in list_images(tmp_path, "*.nii*")] == ["a.nii", "b.nii.gz"]
+    with pytest.raises(FileNotFoundError, match="no NIfTI or NRRD image"):
         list_images(tmp_path, "*.mha")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         list_images(tmp_path / "absent")

@@ -87,9 +87,21 @@ def check_file_exists(path: str | Path | None, problems: list[str], what: str = 
     return True
 
 
+def _load_nrrd(path: Path) -> nib.Nifti1Image:
+    """An NRRD volume as an in-memory NIfTI image with the RAS affine MONAI's NrrdReader gives (the one training and
+    inference load it with), so every check below reads both formats alike."""
+    from monai.data import NrrdReader
+
+    reader = NrrdReader()
+    data, meta = reader.get_data(reader.read(str(path)))
+    if data.ndim != 3:
+        raise ValueError(f"{data.ndim}D NRRD (shape {data.shape}); only 3D NRRD volumes are read")
+    return nib.Nifti1Image(np.asarray(data), np.asarray(meta["affine"], dtype=np.float64))
+
+
 def _load_header(path: Path, problems: list[str]) -> nib.spatialimages.SpatialImage | None:
     try:
-        img = nib.load(str(path))
+        img = _load_nrrd(path) if path.name.endswith(".nrrd") else nib.load(str(path))
     except Exception as e:  # every decoding failure becomes a reported problem, nothing is swallowed
         problems.append(f"{path}: unreadable or corrupt image file ({type(e).__name__}: {e})")
         return None

@@ -3,7 +3,8 @@
 Chain returned by :func:`volume_transforms` (paper, section D: resample in-plane to 1.0 x 1.0 mm, per-scan 1%/99%
 percentile normalisation, 384 x 384 in-plane; random 224 x 224 crops are taken later, per slice):
 
-1. ``LoadImaged`` (nibabel; meta data kept, image ``float32``),
+1. ``LoadImaged`` (NIfTI with nibabel, NRRD with pynrrd, both with RAS affines; meta data kept, image
+   ``float32``),
 2. ``EnsureChannelFirstd`` (``1,H,W,D``; a 4D multi-channel image becomes ``C,H,W,D``),
 3. :class:`SelectChanneld` (one channel of a 4D image, e.g. T2 = channel 0 of the Decathlon prostate task),
 4. :class:`SliceLastOrientationd`: canonical in-plane orientation with the acquisition slice axis kept last,
@@ -34,7 +35,13 @@ from monai.transforms import (
 
 from bundle.transforms.volume import KeySafeSpacingd, SelectChanneld, SliceLastOrientationd
 
-__all__ = ["volume_transforms"]
+__all__ = ["IMAGE_READERS", "IMAGE_SUFFIXES", "volume_transforms"]
+
+#: MONAI readers of the volumes, chosen by file suffix: NIfTI, and NRRD as MONAI Label datastores also hold (MONAI's
+#: NrrdReader turns the LPS header into the RAS affine NibabelReader gives, so both formats take the same path)
+IMAGE_READERS = ("NibabelReader", "NrrdReader")
+#: the file suffixes those readers read
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd")
 
 
 def volume_transforms(
@@ -87,7 +94,7 @@ def volume_transforms(
     if label_keys:  # label maps must be single-channel
         select.append(SelectChanneld(keys=label_keys, channel=None, allow_missing_keys=True))
     return [
-        LoadImaged(keys=keys, reader="NibabelReader", image_only=False, dtype=np.float32, allow_missing_keys=amk),
+        LoadImaged(keys=keys, reader=IMAGE_READERS, image_only=False, dtype=np.float32, allow_missing_keys=amk),
         EnsureChannelFirstd(keys=keys, allow_missing_keys=amk),
         *select,
         SliceLastOrientationd(keys=keys, allow_missing_keys=amk),
