@@ -38,6 +38,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from bundle.handlers import ClusterDiceHealth, NetworkExport, PretrainMonitor, ProgressBar
+from bundle.losses.utils import broadcast_from_rank_zero
 
 __all__ = [
     "BroadcastBuffers",
@@ -155,8 +156,7 @@ class BroadcastBuffers:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine | None = None) -> None:
-        for buffer in self.network.buffers():
-            dist.broadcast(buffer, src=0)
+        broadcast_from_rank_zero(list(self.network.buffers()))
 
 
 def cleanup() -> None:

@@ -136,7 +136,6 @@ class PretrainingModel(nn.Module):
         return out
 
 
-
 class PretrainTrainer(SupervisedTrainer):
     """Self-supervised pre-training of a :class:`FeatureUNet` with the paper's losses (eq. 11).
 
@@ -243,10 +242,6 @@ class PretrainTrainer(SupervisedTrainer):
         if amp_dtype not in ("float16", "bfloat16"):
             raise ValueError(f"amp_dtype must be 'float16' or 'bfloat16', got {amp_dtype!r}.")
         self.objective = objective
-        self.transform = transform
-        self.dense_head = dense_head
-        self.global_head = global_head
-        self.dense_projector = dense_projector
         self.seed = int(seed)
         self.amp_dtype = getattr(torch, amp_dtype)
         self.num_replicas, self.rank = int(num_replicas), int(rank)
@@ -267,14 +262,30 @@ class PretrainTrainer(SupervisedTrainer):
         # ``Trainer.run`` would replace the GradScaler (and its restored state) by a fresh one.
         Workflow.run(self)
 
+    # the pre-training model owns the transform and the heads; the trainer reads them from it
+    @property
+    def transform(self) -> EquivariantTransform:
+        return self.model.transform
+
+    @transform.setter
+    def transform(self, transform: EquivariantTransform) -> None:
+        self.model.transform = transform
+
+    @property
+    def dense_head(self) -> DenseClusterHead | None:
+        return self.model.dense_head
+
+    @property
+    def global_head(self) -> GlobalProjectionHead | None:
+        return self.model.global_head
+
+    @property
+    def dense_projector(self) -> DenseProjectionHead | None:
+        return self.model.dense_projector
+
     def modules(self) -> dict[str, nn.Module]:
         """The trained modules by name (network and the heads that exist)."""
-        mods: dict[str, nn.Module] = {"network": self.network}
-        for name in ("dense_head", "global_head", "dense_projector"):
-            mod = getattr(self, name)
-            if mod is not None:
-                mods[name] = mod
-        return mods
+        return dict(self.model.named_children())
 
     def _views(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Sample T, build both views, and run the pre-training model (once) on them."""

@@ -227,17 +227,6 @@ def _parameters(target: Any) -> list[inspect.Parameter] | None:
     return None
 
 
-def _parameter_names(target: Any) -> list[str]:
-    return [p.name for p in _parameters(target) or [] if p.kind != inspect.Parameter.VAR_KEYWORD]
-
-
-def _takes_argument(target: Any, name: str) -> str | None:
-    """How a component's ``_target_`` takes an argument ``name``: ``"named"`` (a parameter of that name),
-    ``"kwargs"`` (through ``**kwargs``) or None (not at all, or the target is unknown)."""
-    parameters = _parameters(target) or []
-    if any(p.name == name for p in parameters):
-        return "named"
-    return "kwargs" if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters) else None
 
 
 def unknown_override_ids(argv: Sequence[str]) -> list[str]:
@@ -247,8 +236,8 @@ def unknown_override_ids(argv: Sequence[str]) -> list[str]:
     MONAI adds such an id silently and nothing reads it, so a typo trains with the default. Ids written with a
     leading ``+`` (MONAI's merge), ids under ``_meta_``, new arguments of a component that its ``_target_`` takes
     (``network_def#dropout``; through ``**kwargs`` unless close to a key the component has), the run's own
-    arguments and, with ``--tracking``, the tracking settings are
-    accepted. An empty list for any other command line (MONAI Label, the Python API).
+    arguments and, with ``--tracking``, the tracking settings are accepted. An empty list for any other command
+    line (MONAI Label, the Python API).
     """
     pairs = _run_overrides(argv)
     if pairs is None:
@@ -269,13 +258,13 @@ def unknown_override_ids(argv: Sequence[str]) -> list[str]:
         parent = config
         for part in parts[:-1]:
             parent = parent.get(part, {}) if isinstance(parent, dict) else {}
-        target = parent.get("_target_") if isinstance(parent, dict) else None
-        known = [*(parent if isinstance(parent, dict) else []), *_parameter_names(target)]
-        close = difflib.get_close_matches(parts[-1], known, n=1)
-        takes = _takes_argument(target, parts[-1])
-        if takes == "named" or (takes == "kwargs" and not close):
-            continue  # a new argument of a component, which its _target_ receives (**kwargs: unless a typo of a
-            # key or of one of its named parameters)
+        parameters = _parameters(parent.get("_target_") if isinstance(parent, dict) else None) or []
+        named = [p.name for p in parameters if p.kind != inspect.Parameter.VAR_KEYWORD]
+        close = difflib.get_close_matches(parts[-1], [*(parent if isinstance(parent, dict) else []), *named], n=1)
+        takes_kwargs = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters)
+        if parts[-1] in named or (takes_kwargs and not close):
+            continue  # a new argument of a component, which its _target_ receives (through **kwargs: unless it is
+            # close to one of the component's keys or named parameters, a typo)
         unknown.append(name + (f" (did you mean {'#'.join([*parts[:-1], close[0]])}?)" if close else ""))
     return unknown
 

@@ -5,8 +5,8 @@ teacher's weights are an exponential moving average (EMA) of the student's (deca
 that pulls the student towards the teacher is in :mod:`bundle.losses.consistency`, the training step that uses
 both in :class:`bundle.engines.MeanTeacherTrainer`.
 
-Nothing here depends on this bundle: the teacher and student are any two ``nn.Module`` objects with the same
-parameter/buffer names and shapes.
+The teacher and student are any two ``nn.Module`` objects with the same parameter/buffer names and shapes (the
+only bundle piece used is the process-group broadcast of :mod:`bundle.losses.utils`).
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 from monai.utils import IgniteInfo, min_version, optional_import
 from torch import nn
+
+from bundle.losses.utils import broadcast_from_rank_zero, is_distributed
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
@@ -213,8 +214,8 @@ class MeanTeacherHandler(EMATeacher):
 
     def __call__(self, engine: Engine) -> None:
         self.update()
-        if _distributed():
-            _broadcast_from_rank_zero(list(self.teacher.buffers()))
+        if is_distributed():
+            broadcast_from_rank_zero(list(self.teacher.buffers()))
 
     @torch.no_grad()
     def start_from_student(self, engine: Engine | None = None) -> None:
@@ -222,22 +223,3 @@ class MeanTeacherHandler(EMATeacher):
         resumed run whose teacher and update count were restored keeps its teacher)."""
         if self.step == 0:
             self.teacher.load_state_dict(self.student.state_dict())
-
-
-@torch.no_grad()
-def _broadcast_from_rank_zero(tensors: list[torch.Tensor]) -> None:
-    """Copy rank 0's values of ``tensors`` into every rank's, with one broadcast per dtype."""
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for tensor in tensors:
-        by_dtype.setdefault(tensor.dtype, []).append(tensor)
-    for group in by_dtype.values():
-        flat = torch.cat([t.reshape(-1) for t in group])
-        dist.broadcast(flat, src=0)
-        offset = 0
-        for t in group:
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
-            offset += t.numel()
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

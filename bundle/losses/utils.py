@@ -23,6 +23,7 @@ __all__ = [
     "as_heads",
     "at_least_fp32",
     "batch_major",
+    "broadcast_from_rank_zero",
     "check_aligned",
     "check_mask",
     "check_pair",
@@ -227,6 +228,22 @@ def pixel_entropy(probs: torch.Tensor, dim: int, eps: float = DEFAULT_LOG_EPS, k
         keepdim: keep ``dim`` with size 1. Defaults to False.
     """
     return EntropyFunction.apply(probs, dim, float(eps), bool(keepdim))
+
+
+@torch.no_grad()
+def broadcast_from_rank_zero(tensors: list[torch.Tensor]) -> None:
+    """Copy rank 0's values of ``tensors`` (e.g. a module's BatchNorm buffers) into every process's, in place, with
+    one broadcast per dtype; every process passes tensors of the same shapes and dtypes in the same order."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        by_dtype.setdefault(tensor.dtype, []).append(tensor)
+    for group in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        dist.broadcast(flat, src=0)
+        offset = 0
+        for t in group:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
 
 
 def is_distributed() -> bool:
