@@ -10,6 +10,11 @@ voxel spacing). When the evaluator completes it writes::
     <output_dir>/metrics_summary.json    bundle.metrics.summarize(): per metric, per class and overall mean/std/n
                                          (null where no scan had a finite value, e.g. HD95 of a class never found)
     <output_dir>/metrics_summary.csv     metric, class, mean, std, n                    ("mean" rows: over classes)
+
+With more than one foreground class, each scan is also scored on the union of its foreground classes
+(:func:`bundle.metrics.foreground_metrics`, ``label > 0``: the whole gland of a zonal prostate mask, the whole heart
+of an ACDC mask): a ``foreground`` row per scan in the per-scan CSV (class index ``1-<C-1>``), a ``foreground``
+entry ``{metric: {mean, std, n}}`` in the summary JSON and ``foreground`` rows in the summary CSV.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from ignite.engine import Engine, Events
 from bundle.data.checks import DataCheckError, check_entries
 from bundle.data.preprocessing import IMAGE_SUFFIXES
 from bundle.data.sources import nifti_stem
-from bundle.metrics import scan_metrics, summarize
+from bundle.metrics import foreground_metrics, scan_metrics, summarize
 
 __all__ = [
     "AFFINE_ATOL",
@@ -54,6 +59,7 @@ AFFINE_ATOL = 1e-3  # mm: prediction and ground truth must be on the same grid
 PER_SCAN_FILE = "metrics_per_scan.csv"
 SUMMARY_JSON = "metrics_summary.json"
 SUMMARY_CSV = "metrics_summary.csv"
+FOREGROUND = "foreground"  # the union of the foreground classes (label > 0)
 METRICS = ("dice", "hd95", "asd")
 
 
@@ -182,7 +188,8 @@ def write_metrics(
     """Write the per-scan CSV and the summary JSON/CSV (see the module docstring); return the summary.
 
     Args:
-        rows: one mapping per scan: ``"scan_id"`` and per-class arrays ``"dice"``, ``"hd95"``, ``"asd"``.
+        rows: one mapping per scan: ``"scan_id"`` and per-class arrays ``"dice"``, ``"hd95"``, ``"asd"``, and
+            optionally ``"foreground"`` (the same three, one value each; written when every row has it).
         output_dir: folder of the three files (created).
         class_names: names of the scored classes, in column order.
 
@@ -192,6 +199,10 @@ def write_metrics(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize([{k: r[k] for k in METRICS if k in r} for r in rows], class_names=class_names)
+    foreground = None
+    if all("foreground" in r for r in rows):
+        fg = summarize([r["foreground"] for r in rows], class_names=[FOREGROUND])
+        foreground = {m: fg[m]["per_class"][FOREGROUND] for m in METRICS}
     with open(out / PER_SCAN_FILE, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["scan_id", "class_index", "class", *METRICS])
@@ -199,6 +210,10 @@ def write_metrics(
             for i, name in enumerate(class_names):
                 values = [float(np.asarray(row[m])[i]) for m in METRICS]
                 writer.writerow([row["scan_id"], row["class_indices"][i], name, *(_fmt(v) for v in values)])
+            if foreground is not None:
+                values = [float(np.asarray(row["foreground"][m])[0]) for m in METRICS]
+                index = f"{row['class_indices'][0]}-{row['class_indices'][-1]}"
+                writer.writerow([row["scan_id"], index, FOREGROUND, *(_fmt(v) for v in values)])
     with open(out / SUMMARY_CSV, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["metric", "class", "mean", "std", "n"])
@@ -207,7 +222,12 @@ def write_metrics(
                 writer.writerow([metric, name, _fmt(stats["mean"]), _fmt(stats["std"]), stats["n"]])
             s = summary[metric]
             writer.writerow([metric, "mean", _fmt(s["mean"]), _fmt(s["std"]), s["n"]])
+            if foreground is not None:
+                f = foreground[metric]
+                writer.writerow([metric, FOREGROUND, _fmt(f["mean"]), _fmt(f["std"]), f["n"]])
     payload = {"num_scans": len(rows), "classes": list(class_names), **summary}
+    if foreground is not None:
+        payload[FOREGROUND] = foreground
     (out / SUMMARY_JSON).write_text(json.dumps(_nan_to_none(payload), indent=4) + "\n")
     return payload
 
@@ -314,6 +334,8 @@ class SegmentationMetricsSaver:
         spacing = tuple(float(z) for z in label_img.header.get_zooms()[:3])
         row: dict[str, Any] = {"scan_id": scan_id, "class_indices": self.class_indices}
         row.update(scan_metrics(np.rint(pred_np), label, self.num_classes, spacing, self.include_background))
+        if self.num_classes > 2:  # several foreground classes: also their union
+            row[FOREGROUND] = foreground_metrics(np.rint(pred_np), label, self.num_classes, spacing)
         return row
 
     def iteration_completed(self, engine: Engine) -> None:
@@ -337,6 +359,8 @@ class SegmentationMetricsSaver:
         self.summary = write_metrics(self.rows, self.output_dir, self.class_names)
         dice = self.summary["dice"]
         per_class = ", ".join(f"{k} {v['mean']:.4f}" for k, v in dice["per_class"].items())
+        if FOREGROUND in self.summary:
+            per_class += f"; foreground {self.summary[FOREGROUND]['dice']['mean']:.4f}"
         logger.info(f"{len(self.rows)} scans: 3D Dice mean {dice['mean']:.4f} ({per_class}); "
                     f"HD95 {self.summary['hd95']['mean']:.2f} mm, ASD {self.summary['asd']['mean']:.2f} mm; "
                     f"written to {self.output_dir}")

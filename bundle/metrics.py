@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-__all__ = ["dice_per_class", "scan_metrics", "summarize", "surface_distances"]
+__all__ = ["dice_per_class", "foreground_metrics", "scan_metrics", "summarize", "surface_distances"]
 
 
 def _as_label_map(array: np.ndarray | torch.Tensor, name: str, num_classes: int) -> np.ndarray:
@@ -193,6 +193,31 @@ def scan_metrics(
     row = {"dice": dice_per_class(pred, label, num_classes, include_background)}
     row.update(surface_distances(pred, label, num_classes, spacing, include_background))
     return row
+
+
+def foreground_metrics(
+    pred: np.ndarray | torch.Tensor,
+    label: np.ndarray | torch.Tensor,
+    num_classes: int,
+    spacing: float | Sequence[float],
+) -> dict[str, np.ndarray]:
+    """``{"dice", "hd95", "asd"}`` (one value each) of the union of the foreground classes, ``label > 0``.
+
+    The figure of the whole structure made of several labeled parts: the whole prostate gland of a zonal mask
+    (peripheral + transition zone), the whole heart of an ACDC mask. A voxel given the wrong foreground class still
+    counts as found here, so it separates finding the structure from telling its parts apart.
+
+    Args:
+        pred: integer label map of the scan (values in ``[0, num_classes)``).
+        label: ground-truth label map, same shape.
+        num_classes: number of classes including background.
+        spacing: voxel spacing in mm, one value per axis (or one for all).
+
+    Raises:
+        ValueError: as :func:`dice_per_class` and :func:`surface_distances`.
+    """
+    pred_np, label_np = _check_pair(pred, label, num_classes)
+    return scan_metrics((pred_np > 0).astype(np.int64), (label_np > 0).astype(np.int64), 2, spacing)
 
 
 def summarize(rows: Iterable[Mapping[str, Any]], class_names: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:

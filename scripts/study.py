@@ -18,9 +18,9 @@ What one study does, in order (every step is one ``python -m monai.bundle run ..
    then used for every seed. Model selection (the best validation epoch) uses the validation split only.
 4. **Evaluation** of each selected model, once, on the test split (``configs/evaluate.json``).
 5. **Report**: ``runs.csv`` (one row per run), ``results.md`` (the paper's table form: per class and mean, mean +- std
-   over seeds), ``dice_vs_labeled.png``, ``pretraining.png`` (MI and cluster Dice per pre-training epoch) and
-   ``cluster_maps.png`` (each pre-training method's cluster map on the same
-   validation slices, the paper's Figure 2).
+   over seeds; with several foreground classes also their union, ``label > 0``, e.g. the whole prostate gland),
+   ``dice_vs_labeled.png``, ``pretraining.png`` (MI and cluster Dice per pre-training epoch) and ``cluster_maps.png``
+   (each pre-training method's cluster map on the same validation slices, the paper's Figure 2).
 
 Finished steps are skipped (each writes ``done.json`` last), so an interrupted study resumes where it stopped.
 
@@ -405,6 +405,7 @@ def collect_rows(out: Path, table: dict[str, Any], labeled: Sequence[int], seeds
                 for cls in summary["classes"]:
                     row[f"dice_{cls}"] = summary["dice"]["per_class"][cls]["mean"]
                 row["dice_mean"] = summary["dice"]["mean"]
+                row["foreground_dice"] = summary.get("foreground", {}).get("dice", {}).get("mean")
                 row["hd95_mean"] = summary["hd95"]["mean"]
                 row["pretrain_s"] = round(pre_rec.get("seconds", 0.0), 1)
                 row["pretrain_mi"] = pre_rec.get("mi")
@@ -439,14 +440,17 @@ def write_report(out: Path, table: dict[str, Any], labeled: Sequence[int], seeds
     groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
     for row in rows:
         groups[(row["method"], row["labeled"])].append(row)
-    lines = ["| method | labeled scans | seeds | lr | " + " | ".join(classes) + " | mean 3D Dice | HD95 (mm) |",
-             "|---" * (len(classes) + 6) + "|"]
+    whole = any(r["foreground_dice"] is not None for r in rows)  # several foreground classes: their union too
+    lines = ["| method | labeled scans | seeds | lr | " + " | ".join(classes) + " | mean 3D Dice | HD95 (mm) |"
+             + (" foreground (label > 0) 3D Dice |" if whole else ""),
+             "|---" * (len(classes) + 6 + whole) + "|"]
     for (name, n), group in groups.items():
         cells = [_mean_std([r[f"dice_{c}"] for r in group]) for c in classes]
         lr_text = ", ".join(sorted({f"{r['lr']:g}" for r in group}))
         lines.append(f"| {name} | {n} | {len(group)} | {lr_text} | "
                      + " | ".join(cells) + f" | **{_mean_std([r['dice_mean'] for r in group])}** | "
-                     f"{_mean_std([r['hd95_mean'] for r in group])} |")
+                     f"{_mean_std([r['hd95_mean'] for r in group])} |"
+                     + (f" {_mean_std([r['foreground_dice'] for r in group])} |" if whole else ""))
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     _plot_dice(out, groups)

@@ -74,9 +74,11 @@ def test_evaluate_scores_test_scans_at_native_geometry(bundle_workflow, tiny_ove
     test_scans = {e["scan_id"]: e for e in datalist["test"]}
     with open(out / "metrics_per_scan.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 3 * len(test_scans)
+    assert len(rows) == 4 * len(test_scans)
     assert {r["scan_id"] for r in rows} == set(test_scans)
-    assert [r["class"] for r in rows[:3]] == ["RV", "myocardium", "LV"]
+    assert [r["class"] for r in rows[:4]] == ["RV", "myocardium", "LV", "foreground"]
+    whole = {r["scan_id"]: r for r in rows if r["class"] == "foreground"}
+    rows = [r for r in rows if r["class"] != "foreground"]
     base = Path(tiny_paths["datalist"]).parent
     for scan_id, entry in test_scans.items():
         label_img = nib.load(base / entry["label"])
@@ -89,12 +91,17 @@ def test_evaluate_scores_test_scans_at_native_geometry(bundle_workflow, tiny_ove
             c = int(r["class_index"])
             assert float(r["dice"]) == pytest.approx(_naive_dice(pred, label, c), abs=1e-5)
             assert math.isfinite(float(r["hd95"])) == (c == MYO)  # only class 2 is predicted at all
+        assert whole[scan_id]["class_index"] == "1-3"
+        assert float(whole[scan_id]["dice"]) == pytest.approx(_naive_dice(pred > 0, label > 0, 1), abs=1e-5)
     assert 0 < float(next(r for r in rows if r["class_index"] == str(MYO))["dice"]) < 1
     summary = json.loads((out / "metrics_summary.json").read_text())
     assert summary["num_scans"] == len(test_scans) and summary["classes"] == ["RV", "myocardium", "LV"]
     mean_dice = np.mean([float(r["dice"]) for r in rows])
     assert summary["dice"]["mean"] == pytest.approx(mean_dice, abs=1e-5)
     assert summary["hd95"]["per_class"]["RV"] == {"mean": None, "std": None, "n": 0}  # never predicted: no distance
+    whole_dice = [float(r["dice"]) for r in whole.values()]
+    assert summary["foreground"]["dice"]["mean"] == pytest.approx(np.mean(whole_dice), abs=1e-5)
+    assert summary["foreground"]["dice"]["n"] == len(test_scans)
     assert (out / "metrics_summary.csv").is_file()
 
 

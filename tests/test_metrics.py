@@ -10,7 +10,7 @@ import pytest
 import torch
 from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
 
-from bundle.metrics import dice_per_class, scan_metrics, summarize, surface_distances
+from bundle.metrics import dice_per_class, foreground_metrics, scan_metrics, summarize, surface_distances
 
 # ------------------------------------------------------------------------------------------------------------ Dice
 
@@ -157,6 +157,27 @@ def test_scan_metrics_row() -> None:
     assert set(row) == {"dice", "hd95", "asd"} and all(v.shape == (3,) for v in row.values())
     np.testing.assert_allclose(row["dice"], [0.5, 0.8, 1.0])
     assert row["hd95"][2] == 0.0  # class 3 empty in both
+
+
+def test_foreground_metrics_score_the_union_of_the_classes() -> None:
+    pred, label = _two_cube_scan()
+    # union: pred 64 + 27 = 91 voxels, label 64 + 18 = 82, overlap 32 + 18 = 50 -> 2*50/173
+    row = foreground_metrics(pred, label, 4, spacing=1.0)
+    assert set(row) == {"dice", "hd95", "asd"} and all(v.shape == (1,) for v in row.values())
+    np.testing.assert_allclose(row["dice"], [100 / 173])
+
+
+def test_foreground_metrics_ignore_which_foreground_class_was_given() -> None:
+    label = np.zeros((8, 8, 4), dtype=np.int64)
+    label[1:4, 1:6, :] = 1  # a "peripheral zone"
+    label[4:7, 1:6, :] = 2  # the "transition zone" beside it
+    swapped = np.where(label > 0, 3 - label, 0)  # every zone voxel found, each given the other zone
+    np.testing.assert_allclose(dice_per_class(swapped, label, 3), [0.0, 0.0])
+    row = foreground_metrics(swapped, label, 3, spacing=(0.6, 0.6, 4.0))
+    np.testing.assert_allclose(row["dice"], [1.0])
+    np.testing.assert_allclose(row["hd95"], [0.0])
+    with pytest.raises(ValueError, match="values must lie in"):
+        foreground_metrics(swapped, label, 2, spacing=1.0)
 
 
 # ------------------------------------------------------------------------------------------------------ summary

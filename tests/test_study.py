@@ -57,11 +57,12 @@ def test_tiny_study_runs_resumes_and_reports(tmp_path, tiny_acdc, capsys):
         assert not (out / "finetune" / method / "n1" / "seed1" / f"lr{other_lr:g}").exists()
     for row in rows:
         assert 0.0 <= float(row["dice_mean"]) <= 1.0 and float(row["evaluate_s"]) > 0
+        assert 0.0 <= float(row["foreground_dice"]) <= 1.0  # three foreground classes: their union scored too
         assert len(row["datalist_hash"]) == 12 and row["test_scans"] == "2"
     assert float(rows[2]["pretrain_s"]) > 0 and float(rows[0]["pretrain_s"]) == 0  # scratch has no pre-training
 
     table = (out / "results.md").read_text()
-    assert "| mt_ours | 1 | 2 |" in table and "RV" in table and "±" in table
+    assert "| mt_ours | 1 | 2 |" in table and "RV" in table and "±" in table and "foreground (label > 0)" in table
     assert (out / "dice_vs_labeled.png").stat().st_size > 0 and (out / "cluster_maps.png").stat().st_size > 0
     assert (out / "pretraining.png").stat().st_size > 0
     (curve,) = study_cli.pretraining_curves(out / "pretrain" / "ours")  # one epoch: MI and cluster Dice logged
