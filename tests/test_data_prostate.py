@@ -15,9 +15,9 @@ import pytest
 import torch
 from monai.transforms import Compose
 
+from bundle.configs import volume_transforms
 from bundle.data.checks import check_entries
 from bundle.data.datalist import load_split, prepare_datalist
-from bundle.data.preprocessing import volume_transforms
 from scripts.benchmark_loader import pretrain_loader
 
 PROSTATE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "prostate"

@@ -10,13 +10,16 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd
 
+from bundle.configs import volume_transforms
 from bundle.data.datalist import load_split, prepare_datalist
-from bundle.data.preprocessing import volume_transforms
 from bundle.data.slices import PartitionBatchSampler, PretrainSliceDataset, partition_slices, slice_partition
 from scripts.benchmark_loader import benchmark, generated_volumes, pretrain_loader
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _save(path: Path, data: np.ndarray, affine: np.ndarray) -> str:
@@ -37,24 +40,24 @@ def test_inplane_spacing_slice_axis_untouched(tmp_path: Path) -> None:
         np.random.default_rng(0).uniform(1, 9, (24, 20, 5)).astype(np.float32),
         np.diag([0.5, 0.8, 5.0, 1.0]),
     )
-    out = Compose(volume_transforms(keys=("image",), spatial_size=(12, 16)))({"image": path})["image"]
+    out = Compose(volume_transforms(spatial_size=(12, 16)))({"image": path})["image"]
     # 24 voxels x 0.5 mm = 12 mm -> 12 voxels at 1 mm; 20 x 0.8 mm = 16 mm -> 16 voxels; 5 slices kept, 5 mm apart
     assert isinstance(out, MetaTensor) and out.dtype == torch.float32
     assert tuple(out.shape) == (1, 12, 16, 5)
     spacing = np.linalg.norm(np.asarray(out.affine)[:3, :3], axis=0)
     np.testing.assert_allclose(spacing, [1.0, 1.0, 5.0], atol=1e-6)
-    padded = Compose(volume_transforms(keys=("image",), spatial_size=(40, 36)))({"image": path})["image"]
+    padded = Compose(volume_transforms(spatial_size=(40, 36)))({"image": path})["image"]
     assert tuple(padded.shape) == (1, 40, 36, 5)
     inside = (padded[0] != 0).any(-1)
     assert int(inside.sum(0).max()) == 12 and int(inside.sum(1).max()) == 16  # data block 12 x 16, zero padding
-    cropped = Compose(volume_transforms(keys=("image",), spatial_size=(8, 8)))({"image": path})["image"]
+    cropped = Compose(volume_transforms(spatial_size=(8, 8)))({"image": path})["image"]
     assert tuple(cropped.shape) == (1, 8, 8, 5)
 
 
 def test_percentile_normalisation_matches_numpy(tmp_path: Path) -> None:
     data = np.random.default_rng(1).gamma(2.0, 50.0, (20, 18, 6)).astype(np.float32)
     path = _save(tmp_path / "a.nii.gz", data, np.diag([1.0, 1.0, 4.0, 1.0]))  # already 1 mm, RAS: no resampling
-    out = Compose(volume_transforms(keys=("image",), spatial_size=(20, 18)))({"image": path})["image"][0]
+    out = Compose(volume_transforms(spatial_size=(20, 18)))({"image": path})["image"][0]
     p1, p99 = np.percentile(data, [1, 99])
     np.testing.assert_allclose(out.numpy(), (data - p1) / (p99 - p1), rtol=1e-4, atol=1e-5)
     assert abs(float(np.percentile(out.numpy(), 1))) < 1e-4 and abs(float(np.percentile(out.numpy(), 99)) - 1) < 1e-4
@@ -79,8 +82,8 @@ def test_slice_last_orientation(tmp_path: Path, rows: list[list[int]], expected)
     affine = np.eye(4)
     affine[:3, :3] = rows
     path = _save(tmp_path / "a.nii.gz", data, affine)
-    tr = volume_transforms(keys=("image",), spatial_size=(8, 8), lower=0.0, upper=100.0)
-    out = Compose(tr[:4])({"image": path})["image"][0].numpy()  # load, channel, select, orientation
+    tr = volume_transforms(spatial_size=(8, 8))
+    out = Compose(tr[:5])({"image": path})["image"][0].numpy()  # load, channel, select image and label, orientation
     np.testing.assert_array_equal(out, expected(data))
     assert out.shape[-1] == 4
 
@@ -114,22 +117,40 @@ def test_channel_selection_of_4d_image(tmp_path: Path) -> None:
     img4 = np.stack([base, 100.0 - base**2], axis=-1)
     path = _save(tmp_path / "m.nii.gz", img4, np.eye(4))
     for channel in (0, 1):
-        out = Compose(volume_transforms(keys=("image",), spatial_size=(10, 8), channel=channel))({"image": path})
+        out = Compose(volume_transforms(spatial_size=(10, 8), channel=channel))({"image": path})
         ref = img4[..., channel]
         p1, p99 = np.percentile(ref, [1, 99])
         np.testing.assert_allclose(out["image"][0].numpy(), (ref - p1) / (p99 - p1), rtol=1e-4, atol=1e-5)
     with pytest.raises(RuntimeError) as err:  # MONAI's Compose wraps the transform's ValueError
-        Compose(volume_transforms(keys=("image",), spatial_size=(10, 8)))({"image": path})
+        Compose(volume_transforms(spatial_size=(10, 8)))({"image": path})
     assert isinstance(err.value.__cause__, ValueError) and "2-channel image" in str(err.value.__cause__)
 
 
-def test_volume_transforms_argument_errors() -> None:
+def test_volume_transforms_argument_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="pixdim"):
         volume_transforms(pixdim=(1.0, 1.0, 1.0))
     with pytest.raises(ValueError, match="spatial_size"):
         volume_transforms(spatial_size=(0, 384))
-    with pytest.raises(ValueError, match="percentiles"):
-        volume_transforms(lower=99.0, upper=1.0)
+    with pytest.raises(FileNotFoundError, match="configs/train.json"):
+        volume_transforms(bundle_root=tmp_path)
+
+
+def test_the_listed_chain_of_train_json_is_the_one_every_config_runs() -> None:
+    """train.json lists the steps; its overlays refer to that id; the standalone configs instantiate the same list."""
+    listed = ConfigParser.load_config_file(REPO / "configs" / "train.json")["train"]["deterministic_transforms"]
+    steps = [step["_target_"].rsplit(".", 1)[-1] for step in listed]
+    built = volume_transforms(bundle_root=REPO, pixdim=(0.7, 1.2), spatial_size=(40, 36), channel=1)
+    assert [type(t).__name__ for t in built] == steps == [
+        "LoadImaged", "EnsureChannelFirstd", "SelectChanneld", "SelectChanneld", "SliceLastOrientationd",
+        "KeySafeSpacingd", "ScaleIntensityRangePercentilesd", "ResizeWithPadOrCropd"]
+    assert built[2].channel == 1 and built[3].channel is None  # the image's channel; label maps single-channel
+    assert tuple(built[5].spacing_transform.pixdim) == (0.7, 1.2, -1.0)
+    assert tuple(built[7].padder.padder.spatial_size) == (40, 36, -1)
+    for name in ("pretrain.json", "inference.json"):
+        text = (REPO / "configs" / name).read_text()
+        assert "bundle.configs.volume_transforms(pixdim=@pixdim" in text and "LoadImaged" not in text
+    for name in ("evaluate.json", "mean_teacher.json"):
+        assert "LoadImaged" not in (REPO / "configs" / name).read_text()
 
 
 # ------------------------------------------------------------------------------------------------ meta-labels

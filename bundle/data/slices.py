@@ -85,9 +85,9 @@ class PretrainSliceDataset(Dataset):
     :class:`PartitionBatchSampler`) seeds the crop, otherwise the dataset's epoch (:meth:`set_epoch`) does.
 
     Args:
-        volumes: pre-processed items with ``"image"`` of shape ``1,H,W,D`` (e.g. a MONAI ``Dataset`` with
-            :func:`bundle.data.preprocessing.volume_transforms`, as ``configs/pretrain.json`` builds it); each is
-            read once, at construction, and its image kept as a plain float32 tensor (shared with forked DataLoader
+        volumes: pre-processed items with ``"image"`` of shape ``1,H,W,D`` (e.g. a MONAI ``Dataset`` with the
+            pre-processing listed in ``configs/train.json``, as ``configs/pretrain.json`` builds it); each is read
+            once, at construction, and its image kept as a plain float32 tensor (shared with forked DataLoader
             workers).
         num_partitions: number of slice-position partitions P (paper: ACDC 3, prostate 8).
         crop_size: in-plane crop ``(h, w)``; must fit inside ``H, W``.
