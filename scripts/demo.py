@@ -12,7 +12,8 @@ shared datalist, the pre-trained weights ``models/pretrained/unet_ssl.pt``, the 
 (with pre-training) and ``scratch/models/model.pt`` (without), and each arm's ``evaluate/metrics_*``. At the end the
 test-set 3D Dice per class of both arms is printed side by side and written to ``demo_summary.json``. After
 pre-training it prints the label-free health figures: the mutual information between the two views' cluster
-assignments and the cluster Dice (cluster maps matched to the validation labels by majority vote).
+assignments and the cluster Dice (cluster maps matched to the validation labels by majority vote, and with
+one cluster per class).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def _pretrain_health(folder: Path, log: Path) -> str:
         per_class = ", ".join(f"{k} {v:.3f}" for k, v in last["per_class"].items())
         text += (f"\n  cluster Dice (majority-vote match on {last['scans']} validation scans, a health figure): "
                  f"{per_class}, mean {last['mean']:.3f}")
+        if "one_to_one" in last:
+            text += f"; one cluster per class: mean {last['one_to_one']['mean']:.3f}"
     return text
 
 

@@ -460,14 +460,16 @@ def write_report(out: Path, table: dict[str, Any], labeled: Sequence[int], seeds
 
 
 def pretraining_curves(folder: Path) -> list[dict[str, Any]]:
-    """Per epoch of one pre-training: ``{"epoch", "mi", "mi_fraction", "cluster_dice"}`` from its log and
-    ``cluster_health.jsonl`` (``cluster_dice`` is None where no health figure was scored)."""
+    """Per epoch of one pre-training: ``{"epoch", "mi", "mi_fraction", "cluster_dice", "cluster_dice_one_to_one"}``
+    from its log and ``cluster_health.jsonl`` (the majority-vote and one-cluster-per-class matches; None where no
+    health figure was scored)."""
     log = folder / "log.txt"
     found = re.findall(r"epoch (\d+)/\d+: .*?clusters: MI=([0-9.]+) nat \(([0-9.]+)% of log K\)",
                        log.read_text()) if log.is_file() else []
-    health = {r["epoch"]: r["mean"] for r in _read_jsonl(folder / "cluster_health.jsonl")}
+    health = {r["epoch"]: r for r in _read_jsonl(folder / "cluster_health.jsonl")}
     by_epoch = {int(e): (float(mi), float(frac) / 100.0) for e, mi, frac in found}  # a resumed epoch: the last
-    return [{"epoch": e, "mi": mi, "mi_fraction": frac, "cluster_dice": health.get(e)}
+    return [{"epoch": e, "mi": mi, "mi_fraction": frac, "cluster_dice": health.get(e, {}).get("mean"),
+             "cluster_dice_one_to_one": health.get(e, {}).get("one_to_one", {}).get("mean")}
             for e, (mi, frac) in sorted(by_epoch.items())]
 
 
@@ -487,7 +489,12 @@ def _plot_pretraining(out: Path, table: dict[str, Any]) -> None:
     for key, rows in curves.items():
         ax_mi.plot([r["epoch"] for r in rows], [r["mi"] for r in rows], marker=".", label=key)
         scored = [r for r in rows if r["cluster_dice"] is not None]
-        ax_dice.plot([r["epoch"] for r in scored], [r["cluster_dice"] for r in scored], marker=".", label=key)
+        line = ax_dice.plot([r["epoch"] for r in scored], [r["cluster_dice"] for r in scored], marker=".",
+                            label=f"{key}, majority vote")[0]
+        matched = [r for r in scored if r["cluster_dice_one_to_one"] is not None]
+        if matched:
+            ax_dice.plot([r["epoch"] for r in matched], [r["cluster_dice_one_to_one"] for r in matched], ls="--",
+                         color=line.get_color(), label=f"{key}, one cluster per class")
     ax_mi.set_xlabel("pre-training epoch")
     ax_mi.set_ylabel("MI between the views' clusters (nat)")
     ax_dice.set_xlabel("pre-training epoch")

@@ -11,7 +11,7 @@ from ignite.engine import Engine
 from torch import nn
 
 from bundle.handlers import ClusterDiceHealth
-from bundle.handlers.cluster_health import cluster_confusion, majority_vote_mapping
+from bundle.handlers.cluster_health import cluster_confusion, majority_vote_mapping, one_to_one_mapping
 from bundle.networks import DenseClusterHead, FeatureUNet
 
 
@@ -22,6 +22,24 @@ def test_confusion_counts_by_hand():
     # cluster 0: one pixel of class 0, one of class 1; cluster 1: one of class 1; cluster 2: one 0, two 1
     np.testing.assert_array_equal(conf, [[1, 1], [0, 1], [1, 2]])
     np.testing.assert_array_equal(majority_vote_mapping(conf), [0, 1, 1])
+
+
+def test_one_to_one_match_finds_a_small_structure_that_is_no_cluster_majority():
+    # pixels of (background, small class) per cluster: the small class (10 px) is the majority of no cluster
+    conf = np.array([[80, 0], [10, 6], [10, 4]])
+    np.testing.assert_array_equal(majority_vote_mapping(conf), [0, 0, 0])  # its majority-vote Dice is 0
+    # Dice of the small class with each cluster: 0, 2*6/(16+10) = 0.4615, 2*4/(14+10) = 0.3333 -> cluster 1
+    np.testing.assert_array_equal(one_to_one_mapping(conf), [0, 1, 0])
+
+
+def test_one_to_one_match_maximises_the_total_not_each_class_greedily():
+    # classes a, b (columns 1, 2) both prefer cluster 0; the best total gives it to a and cluster 1 to b
+    conf = np.array([[0, 10, 9], [0, 0, 5], [20, 0, 0]])
+    # Dice: a-0 = 20/29 = 0.690, b-0 = 18/33 = 0.545, b-1 = 10/19 = 0.526, a-1 = 0:
+    # {a:0, b:1} sums to 1.216 > {a:1, b:0} = 0.545, while a greedy b-first pick would take cluster 0 for b
+    np.testing.assert_array_equal(one_to_one_mapping(conf), [1, 2, 0])
+    with pytest.raises(ValueError, match="2 foreground classes"):
+        one_to_one_mapping(np.ones((1, 3)))
 
 
 def test_confusion_rejects_out_of_range_and_shape():
@@ -62,6 +80,7 @@ def test_perfect_over_clustering_scores_one_and_swapped_classes_still_match(tmp_
     health = ClusterDiceHealth(net, net, vols, num_classes=3, class_names=["a", "b"], log_dir=tmp_path)
     record = health.score(torch.device("cpu"))
     assert record["per_class"] == {"a": 1.0, "b": 1.0} and record["mean"] == 1.0 and record["scans"] == 3
+    assert record["one_to_one"] == {"per_class": {"a": 1.0, "b": 1.0}, "mean": 1.0}
 
     # relabel the images with a permutation of the classes: the clusters differ from the labels, the match fixes it
     perm = torch.tensor([2, 0, 1])
@@ -92,6 +111,7 @@ def test_handler_logs_each_interval_writes_jsonl_and_restores_train_mode(tmp_pat
     lines = [json.loads(x) for x in (tmp_path / "cluster_health.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [2, 3] and set(lines[0]["per_class"]) == {"class1", "class2", "class3"}
     assert 0.0 <= engine.state.metrics["cluster_dice_mean"] <= 1.0
+    assert 0.0 <= engine.state.metrics["cluster_dice_one_to_one_mean"] <= 1.0 and "one_to_one" in lines[0]
 
 
 def test_no_labeled_volumes_switches_off_and_bad_options_raise():

@@ -67,6 +67,7 @@ def test_tiny_study_runs_resumes_and_reports(tmp_path, tiny_acdc, capsys):
     assert (out / "pretraining.png").stat().st_size > 0
     (curve,) = study_cli.pretraining_curves(out / "pretrain" / "ours")  # one epoch: MI and cluster Dice logged
     assert curve["epoch"] == 1 and curve["mi"] >= 0 and 0.0 <= curve["cluster_dice"] <= 1.0
+    assert 0.0 <= curve["cluster_dice_one_to_one"] <= 1.0
 
     # a second call finds every step done and runs no bundle command
     log_before = (out / "study.log").read_text()
