@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__version__ = "0.3.0"
+__version__ = "0.3.1"
 
 _SUBMODULES = (
     "data",
