@@ -305,7 +305,8 @@ def study(
     runner = Study(out, dataset_dir, plan, num_classes, num_partitions, pretrain_seed, extra)
     (out / "study.json").write_text(json.dumps(
         {"budget": budget, "plan": plan, "extra": extra, "methods": list(table), "labeled": labeled_counts,
-         "seeds": seed_list, "lrs": lr_grid, "dataset_dir": dataset_dir, "pretrain_seed": pretrain_seed}, indent=2))
+         "seeds": seed_list, "lrs": lr_grid, "dataset_dir": dataset_dir, "pretrain_seed": pretrain_seed,
+         "num_classes": num_classes, "num_partitions": num_partitions}, indent=2))
     if report_only:
         write_report(out, table, labeled_counts, seed_list)
         return
@@ -565,9 +566,10 @@ def _plot_clusters(out: Path, table: dict[str, Any], num_slices: int = 3) -> Non
         parser = ConfigParser()
         parser.read_config([str(REPO / "configs" / c) for c in ["pretrain.json", *study["plan"]["pretrain_overlay"]]])
         dataset = study.get("dataset_dir") or str(REPO / "data" / "synthetic_acdc")
+        shape = {k: study[k] for k in ("num_classes", "num_partitions") if study.get(k) is not None}
         for key, value in {"bundle_root": str(REPO), "datalist": str(out / "datalist.json"), "dataset_dir": dataset,
-                           "device": "$torch.device('cpu')", **study["plan"]["common"], **study["plan"]["pretrain"],
-                           **study["extra"]["pretrain"], **settings}.items():
+                           "device": "$torch.device('cpu')", **shape, **study["plan"]["common"],
+                           **study["plan"]["pretrain"], **study["extra"]["pretrain"], **settings}.items():
             parser[key] = value
         return parser
 
