@@ -200,8 +200,8 @@ def write_metrics(
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize([{k: r[k] for k in METRICS if k in r} for r in rows], class_names=class_names)
     foreground = None
-    if all("foreground" in r for r in rows):
-        fg = summarize([r["foreground"] for r in rows], class_names=[FOREGROUND])
+    if all(FOREGROUND in r for r in rows):
+        fg = summarize([r[FOREGROUND] for r in rows], class_names=[FOREGROUND])
         foreground = {m: fg[m]["per_class"][FOREGROUND] for m in METRICS}
     with open(out / PER_SCAN_FILE, "w", newline="") as f:
         writer = csv.writer(f)
@@ -211,7 +211,7 @@ def write_metrics(
                 values = [float(np.asarray(row[m])[i]) for m in METRICS]
                 writer.writerow([row["scan_id"], row["class_indices"][i], name, *(_fmt(v) for v in values)])
             if foreground is not None:
-                values = [float(np.asarray(row["foreground"][m])[0]) for m in METRICS]
+                values = [float(np.asarray(row[FOREGROUND][m])[0]) for m in METRICS]
                 index = f"{row['class_indices'][0]}-{row['class_indices'][-1]}"
                 writer.writerow([row["scan_id"], index, FOREGROUND, *(_fmt(v) for v in values)])
     with open(out / SUMMARY_CSV, "w", newline="") as f:
@@ -333,9 +333,10 @@ class SegmentationMetricsSaver:
                                  f"({label_file})\n{label_img.affine}")
         spacing = tuple(float(z) for z in label_img.header.get_zooms()[:3])
         row: dict[str, Any] = {"scan_id": scan_id, "class_indices": self.class_indices}
-        row.update(scan_metrics(np.rint(pred_np), label, self.num_classes, spacing, self.include_background))
+        pred_labels = np.rint(pred_np)
+        row.update(scan_metrics(pred_labels, label, self.num_classes, spacing, self.include_background))
         if self.num_classes > 2:  # several foreground classes: also their union
-            row[FOREGROUND] = foreground_metrics(np.rint(pred_np), label, self.num_classes, spacing)
+            row[FOREGROUND] = foreground_metrics(pred_labels, label, self.num_classes, spacing)
         return row
 
     def iteration_completed(self, engine: Engine) -> None:
