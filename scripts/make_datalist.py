@@ -5,7 +5,8 @@ Usage (python-fire)::
     python -m scripts.make_datalist acdc --root /data/ACDC/database --output data/acdc.json --num_val 8 --num_test 17
     python -m scripts.make_datalist msd      --root /data/Task05_Prostate --output data/prostate.json --channel 0
     python -m scripts.make_datalist folder   --root /data/prostate --output data/prostate.json \\
-        --image_pattern 'images/{id}.nii.gz' --label_pattern 'masks/{id}_Segmentation.nii.gz'
+        --image_pattern 'images/{id}.nii.gz' --label_pattern 'masks/{id}_Segmentation.nii.gz' \\
+        --label_names '[background,PZ,TZ]'
     python -m scripts.make_datalist datalist --root my_monai_datalist.json --output data/mine.json
     python -m scripts.make_datalist auto     --root DIR --output FILE --seeds '[0,1,2]' --labeled_counts '[1,2,4]'
 
@@ -44,6 +45,7 @@ def make_datalist(
     check: bool = DatalistOptions.check,
     overwrite: bool = False,
     unlabeled_dir: str | None = DatalistOptions.unlabeled_dir,
+    label_names: Sequence[str] | dict[str, str] | None = DatalistOptions.label_names,
 ) -> str:
     """Build the datalist of ``root`` (layout ``kind``: acdc, msd, folder, datalist or auto) into ``output``.
 
@@ -67,6 +69,8 @@ def make_datalist(
         check: check every file's content before writing.
         overwrite: replace an existing, different ``output``.
         unlabeled_dir: a folder of unlabeled images (NIfTI at any depth) added to pre-training only.
+        label_names: class names, background included, in class order (``'[background,PZ,TZ]'``) or as a mapping
+            (``'{"0": "background", "1": "PZ", "2": "TZ"}'``); default: the layout's, else the class indices.
 
     Returns:
         the path written.
@@ -89,6 +93,7 @@ def make_datalist(
         patient_regex=patient_regex,
         check=check,
         unlabeled_dir=unlabeled_dir,
+        label_names=label_names,
     )
     datalist = build_datalist(root, options)
     out = Path(output)
@@ -111,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: run :func:`make_datalist` with fire; data problems print cleanly and return 1."""
     try:
         fire.Fire(make_datalist, command=list(argv) if argv is not None else None, name="make_datalist")
-    except (DataCheckError, FileExistsError) as e:
+    except (DataCheckError, FileExistsError, ValueError) as e:
         print(f"make_datalist: {e}", file=sys.stderr)
         return 1
     return 0

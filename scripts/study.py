@@ -5,6 +5,8 @@ Usage (python-fire)::
     python -m scripts.study --dataset_dir /data/ACDC/training --out_dir runs/study/acdc \\
         --methods "[scratch,ours,mt_ours]" --labeled "[1,2,4]" --seeds "[0,1,2]" --budget cpu
     python -m scripts.study --out_dir runs/study/acdc --report_only True     # tables and plots from finished runs
+    python -m scripts.study --dataset_dir /data/prostate --out_dir runs/study/prostate --num_classes 3 \\
+        --num_partitions 8 --label_names "[background,PZ,TZ]" --labeled "[1,2]"
     python -m scripts.study --help
 
 What one study does, in order (every step is one ``python -m monai.bundle run ...`` command, logged in its folder):
@@ -240,6 +242,7 @@ def study(
     num_clusters: Sequence[int] | None = None,
     num_classes: int = 4,
     num_partitions: int = 3,
+    label_names: Sequence[str] | dict[str, str] | None = None,
     pretrain_seed: int = 0,
     pretrain_epochs: int | None = None,
     pretrain_iterations: int | None = None,
@@ -268,6 +271,8 @@ def study(
         num_clusters: sweep of K (adds ours[num_clusters=k]; Table 5).
         num_classes: label classes, background included (4 for ACDC, 3 for prostate zones).
         num_partitions: slice-position partitions of L_con (3 for ACDC, 8 for prostate).
+        label_names: class names for a new study datalist, background included (``'[background,PZ,TZ]'``); they
+            head the table's columns. Default: the layout's (ACDC: RV, Myo, LV), else the class indices.
         pretrain_seed: seed of every pre-training.
         pretrain_epochs: override the budget's pre-training epochs.
         pretrain_iterations: override the budget's iterations per pre-training epoch.
@@ -334,7 +339,8 @@ def study(
 
             generate_synthetic_acdc(source, num_patients=100, seed=0)
         prepare_datalist(source, runner.datalist, seeds=sorted(set(seed_list) | {0, 1, 2}),
-                        labeled_counts=sorted(set(labeled_counts) | {1, 2, 4}), num_classes=num_classes)
+                        labeled_counts=sorted(set(labeled_counts) | {1, 2, 4}), num_classes=num_classes,
+                        label_names=label_names)
         runner.dataset_dir = source
     step, started = 0, time.perf_counter()
 

@@ -299,6 +299,56 @@ def test_make_datalist_cli_bad_data_writes_nothing(tmp_path: Path, capsys: pytes
     assert "Case02.nii.gz: constant volume" in capsys.readouterr().err
 
 
+def test_make_datalist_cli_label_names_name_the_evaluation_columns(tmp_path: Path) -> None:
+    from bundle.evaluation import class_names_from_datalist
+
+    root = write_folder(tmp_path / "ds", n_cases=4)
+    out = tmp_path / "out.json"
+    argv = ["folder", "--root", str(root), "--output", str(out), "--num_val", "1", "--num_test", "1"]
+    assert make_datalist_main([*argv, "--labeled_counts", "[1]", "--label_names", "[background,PZ,TZ]"]) == 0
+    assert load_datalist(out)["label_names"] == {"0": "background", "1": "PZ", "2": "TZ"}
+    assert class_names_from_datalist(out, 3) == ["PZ", "TZ"]
+    # without the option a folder of pairs declares no names: the columns are the class indices
+    plain = tmp_path / "plain.json"
+    assert make_datalist_main(["folder", "--root", str(root), "--output", str(plain), "--num_val", "1",
+                               "--num_test", "1", "--labeled_counts", "[1]"]) == 0
+    assert load_datalist(plain)["label_names"] is None and class_names_from_datalist(plain, 3) == ["1", "2"]
+
+
+def test_label_names_as_list_mapping_or_json_text_agree() -> None:
+    want = {"0": "background", "1": "PZ", "2": "TZ"}
+    assert DatalistOptions(label_names=["background", "PZ", "TZ"]).label_names == want
+    assert DatalistOptions(label_names={2: "TZ", 0: "background", 1: "PZ"}).label_names == want
+    assert DatalistOptions(label_names='{"0": "background", "1": "PZ", "2": "TZ"}').label_names == want
+    with pytest.raises(ValueError, match="class index 'one' is not an integer"):
+        DatalistOptions(label_names={"0": "background", "one": "PZ"})
+    with pytest.raises(ValueError, match="non-empty name"):
+        DatalistOptions(label_names=["background", " "])
+    with pytest.raises(ValueError, match="list or a mapping"):
+        DatalistOptions(label_names=3)  # type: ignore[arg-type]
+
+
+def test_label_names_for_the_wrong_classes_write_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = write_folder(tmp_path / "ds", n_cases=4)  # labels 0, 1, 2
+    out = tmp_path / "out.json"
+    argv = ["folder", "--root", str(root), "--output", str(out), "--num_val", "1", "--num_test", "1"]
+    assert make_datalist_main([*argv, "--labeled_counts", "[1]", "--label_names", "[background,gland]"]) == 1
+    assert not out.exists()
+    err = capsys.readouterr().err
+    assert "label_names name the classes ['0', '1']" in err and "3 classes ['0', '1', '2']" in err
+    assert str(root) in err
+
+
+def test_an_existing_datalist_with_other_label_names_is_refused(tmp_path: Path) -> None:
+    root = write_folder(tmp_path / "ds", n_cases=4)
+    out = tmp_path / "dl.json"
+    prepare_datalist(root, out, num_val=1, num_test=1, labeled_counts=(1,), label_names=["background", "PZ", "TZ"])
+    prepare_datalist(root, out, num_val=1, num_test=1, labeled_counts=(1,), label_names=["background", "PZ", "TZ"])
+    prepare_datalist(root, out, num_val=1, num_test=1, labeled_counts=(1,))  # no names asked: the recorded ones
+    with pytest.raises(DataCheckError, match="recorded label_names .* differ from the requested"):
+        prepare_datalist(root, out, num_val=1, num_test=1, labeled_counts=(1,), label_names=["bg", "a", "b"])
+
+
 @pytest.mark.parametrize("config", ["pretrain.json", "train.json"])
 def test_a_mistyped_dataset_dir_is_an_error_not_a_synthetic_dataset(tmp_path: Path, config: str) -> None:
     from monai.bundle import ConfigParser
@@ -322,3 +372,16 @@ def test_a_mistyped_dataset_dir_is_an_error_not_a_synthetic_dataset(tmp_path: Pa
         error = error.__cause__
     assert error is not None and str(typo) in str(error)
     assert not (tmp_path / "dtaa").exists()  # nothing generated, nothing written
+
+
+@pytest.mark.parametrize("config", ["pretrain.json", "train.json"])
+def test_the_configs_label_names_id_reaches_the_datalist(tmp_path: Path, config: str) -> None:
+    from monai.bundle import ConfigParser
+
+    root = write_folder(tmp_path / "ds", n_cases=8)  # 5 training scans: room for the recorded 4 labeled
+    p = ConfigParser()
+    p.read_config(Path(__file__).resolve().parents[1] / "configs" / config)
+    p.update({"bundle_root": str(tmp_path), "dataset_dir": str(root), "datalist": str(tmp_path / "dl.json"),
+              "num_classes": 3, "label_names": ["background", "PZ", "TZ"]})
+    written = p.get_parsed_content("prepared_datalist")
+    assert load_datalist(written)["label_names"] == {"0": "background", "1": "PZ", "2": "TZ"}

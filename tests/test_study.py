@@ -40,7 +40,8 @@ def test_plan_counts_one_pretraining_per_method_and_sweeps(tmp_path, capsys):
 def test_tiny_study_runs_resumes_and_reports(tmp_path, tiny_acdc, capsys):
     out = tmp_path / "study"
     args = dict(out_dir=str(out), dataset_dir=str(tiny_acdc), methods=["scratch", "mt_ours"], labeled=[1],
-                seeds=[0, 1], lrs=[1e-3, 2e-3], budget="tiny")
+                seeds=[0, 1], lrs=[1e-3, 2e-3], budget="tiny",
+                label_names=["background", "right ventricle", "myocardium", "left ventricle"])
     study_cli.study(**args)
     printed = capsys.readouterr().out
     assert "[11/11]" in printed  # 1 pre-training, 2 x 2 lrs on seed 0 + 2 on seed 1, 4 evaluations
@@ -62,7 +63,8 @@ def test_tiny_study_runs_resumes_and_reports(tmp_path, tiny_acdc, capsys):
     assert float(rows[2]["pretrain_s"]) > 0 and float(rows[0]["pretrain_s"]) == 0  # scratch has no pre-training
 
     table = (out / "results.md").read_text()
-    assert "| mt_ours | 1 | 2 |" in table and "RV" in table and "±" in table and "foreground (label > 0)" in table
+    assert "| mt_ours | 1 | 2 |" in table and "right ventricle" in table and "±" in table
+    assert "foreground (label > 0)" in table
     assert (out / "dice_vs_labeled.png").stat().st_size > 0 and (out / "cluster_maps.png").stat().st_size > 0
     assert (out / "pretraining.png").stat().st_size > 0
     (curve,) = study_cli.pretraining_curves(out / "pretrain" / "ours")  # one epoch: MI and cluster Dice logged

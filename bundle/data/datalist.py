@@ -78,6 +78,32 @@ def _as_int_list(values: Sequence[int] | int | str, name: str) -> list[int]:
     return out
 
 
+def _as_label_names(names: Mapping[Any, Any] | Sequence[str] | str) -> dict[str, str]:
+    """``{"0": "background", "1": ...}`` from a mapping (class index -> name), a list (names in class order) or
+    either written as JSON."""
+    if isinstance(names, str):
+        try:
+            names = json.loads(names)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"label_names must be a JSON list or mapping of class names, got {names!r}.") from e
+    if isinstance(names, Mapping):
+        items = list(names.items())
+    elif isinstance(names, list | tuple):
+        items = list(enumerate(names))
+    else:
+        raise ValueError(f"label_names must be a list or a mapping of class names, got {names!r}.")
+    out: dict[str, str] = {}
+    for key, name in items:
+        try:
+            index = int(key)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"label_names: class index {key!r} is not an integer.") from e
+        if index < 0 or not str(name).strip():
+            raise ValueError(f"label_names: class {key!r} -> {name!r} needs an index >= 0 and a non-empty name.")
+        out[str(index)] = str(name).strip()
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
+
+
 @dataclass(frozen=True)
 class DatalistOptions:
     """How a dataset on disk becomes a datalist: its layout, the split and the labeled subsets recorded.
@@ -99,9 +125,13 @@ class DatalistOptions:
         patient_regex: folder sources: regex giving the patient id from the scan id.
         check: run :func:`~bundle.data.checks.check_entries` on every scan (recommended; reads every file once).
         unlabeled_dir: a folder of unlabeled images (NIfTI files at any depth) added to the pre-training pool.
+        label_names: names of the classes, background included: a list in class order or a mapping from class index
+            to name (JSON text of either is read); they name the columns of every evaluation. Default: the names the
+            layout declares (ACDC's RV / Myo / LV, a Decathlon ``dataset.json``'s ``labels``), else the indices.
 
     Raises:
-        ValueError: when ``seeds`` or ``labeled_counts`` is not a list of integers (a JSON string of one is read).
+        ValueError: when ``seeds`` or ``labeled_counts`` is not a list of integers (a JSON string of one is read), or
+            ``label_names`` is neither a list nor a mapping of non-empty names.
 
     Example:
         >>> build_datalist("/data/prostate", DatalistOptions(kind="folder", num_val=2, seeds=(0,)))  # doctest: +SKIP
@@ -120,10 +150,13 @@ class DatalistOptions:
     patient_regex: str | None = None
     check: bool = True
     unlabeled_dir: str | os.PathLike | None = None
+    label_names: Mapping[str, str] | Sequence[str] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "seeds", tuple(_as_int_list(self.seeds, "seeds")))
         object.__setattr__(self, "labeled_counts", tuple(_as_int_list(self.labeled_counts, "labeled_counts")))
+        if self.label_names is not None:
+            object.__setattr__(self, "label_names", _as_label_names(self.label_names))
 
 
 def build_datalist(root: str | Path, options: DatalistOptions = DatalistOptions()) -> dict[str, Any]:
@@ -176,6 +209,16 @@ def build_datalist(root: str | Path, options: DatalistOptions = DatalistOptions(
     else:
         labeled = choose_labeled(splits["training"], options.seeds, options.labeled_counts)
     check_splits({**splits, "unlabeled": unlabeled}, labeled, name=str(root))
+    label_names = src.label_names
+    if options.label_names is not None:
+        label_names = dict(options.label_names)
+        wanted = [str(c) for c in range(int(num_classes))] if num_classes is not None else None
+        if wanted is not None and list(label_names) != wanted:
+            raise DataCheckError(
+                [f"{root}: label_names name the classes {list(label_names)}, but the labels have {num_classes} classes"
+                 f" {wanted}; give one name per class, background included"],
+                header="label_names do not match the classes",
+            )
     if options.check and all_entries:
         check_entries(all_entries, num_classes=int(num_classes), require_label=True, channel=channel, name="scans")
     if options.check and unlabeled:
@@ -194,7 +237,7 @@ def build_datalist(root: str | Path, options: DatalistOptions = DatalistOptions(
         "unlabeled": unlabeled,
         "labeled": labeled,
         "num_classes": int(num_classes) if num_classes is not None else None,
-        "label_names": src.label_names,
+        "label_names": label_names,
         "channel": channel,
         "source": source,
         "file_hash": file_hash(all_entries + unlabeled),
@@ -398,6 +441,12 @@ def _check_existing(path: Path, dataset_dir: str | os.PathLike, options: Datalis
         raise DataCheckError(
             [f"{path}: recorded split_seed {data.get('split_seed')} differs from the requested {options.split_seed}"],
             header="datalist was split with another seed",
+        )
+    if options.label_names is not None and data.get("label_names") != dict(options.label_names):
+        raise DataCheckError(
+            [f"{path}: recorded label_names {data.get('label_names')} differ from the requested {options.label_names};"
+             " pass --datalist <new file> (or delete the old one)"],
+            header="datalist names its classes otherwise",
         )
     missing = [
         f"{e[k]}: missing file (listed in {path}, split '{split}')"
