@@ -442,7 +442,7 @@ def _check_existing(path: Path, dataset_dir: str | os.PathLike, options: Datalis
             [f"{path}: recorded split_seed {data.get('split_seed')} differs from the requested {options.split_seed}"],
             header="datalist was split with another seed",
         )
-    if options.label_names is not None and data.get("label_names") != dict(options.label_names):
+    if options.label_names is not None and data.get("label_names") != options.label_names:
         raise DataCheckError(
             [f"{path}: recorded label_names {data.get('label_names')} differ from the requested {options.label_names};"
              " pass --datalist <new file> (or delete the old one)"],
