@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +37,29 @@ def bundle_command(run_id: str, configs: Sequence[str], overrides: Mapping[str, 
     return cmd, shown
 
 
+@contextmanager
+def _terminate_ends_the_step() -> Iterator[None]:
+    """While a step runs, a SIGTERM to this script (``kill``, a scheduler's time limit) raises ``SystemExit(143)``,
+    so ``subprocess.run`` stops and reaps the step before the script exits. Under Python's default action the
+    script would die alone and its step run on, orphaned: a restarted study would then resume a second copy of the
+    same step into the same folder. (Ctrl-C already reaches the whole process group.)"""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        yield
+        return
+
+    def _exit(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, _exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_logged(cmd: Sequence[str], shown: str, log: Path, append: bool = False) -> float:
     """Run ``cmd`` from the repository root with its output in ``log`` (after a ``$ python <shown>`` line); return
-    the seconds it took.
+    the seconds it took. Stopping the script (SIGTERM or Ctrl-C) stops the step with it.
 
     Raises:
         SystemExit: when the command fails, with the end of its log.
@@ -46,7 +69,8 @@ def run_logged(cmd: Sequence[str], shown: str, log: Path, append: bool = False) 
     with open(log, "a" if append else "w") as fh:
         fh.write(f"\n$ python {shown}\n")
         fh.flush()
-        proc = subprocess.run(list(cmd), cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        with _terminate_ends_the_step():
+            proc = subprocess.run(list(cmd), cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
