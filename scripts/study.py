@@ -25,6 +25,8 @@ What one study does, in order (every step is one ``python -m monai.bundle run ..
    (each pre-training method's cluster map on the same validation slices, the paper's Figure 2).
 
 Finished steps are skipped (each writes ``done.json`` last), so an interrupted study resumes where it stopped.
+Stopping the study (Ctrl-C, ``kill``) stops the step it runs; a second study started into a folder that a running
+one holds (``study.lock``) is refused before it writes anything.
 
 Methods (``--methods``): ``scratch``, ``ours`` (L_con + L_CC + L_MI), ``iic`` (alpha 0), ``mi_cc`` (no L_con),
 ``con_only`` (L_con alone), ``mt_scratch`` (Mean Teacher from scratch), ``mt_ours`` (Mean Teacher from ``ours``).
@@ -38,12 +40,13 @@ import csv
 import hashlib
 import json
 import math
+import os
 import re
 import time
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import fire
 
@@ -173,6 +176,34 @@ class Study:
         return record
 
 
+def _claim_folder(out: Path) -> IO[str] | None:
+    """Hold ``out/study.lock`` while the returned handle lives (the OS drops it when the process ends, however it
+    ends): a second study started into the same folder would resume the same unfinished steps a second time, two
+    trainings writing one checkpoint.
+
+    Raises:
+        SystemExit: when another running study holds the folder.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no advisory locks; the study runs unguarded
+        return None
+    handle = open(out / "study.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise SystemExit(f"{out}: another study is running in this folder (pid {holder}); wait for it to end or "
+                         "choose another --out_dir.") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
 
@@ -290,6 +321,7 @@ def study(
         raise SystemExit(f"unknown budget {budget!r}; available: {', '.join(BUDGETS)}.")
     out = Path(out_dir) if Path(out_dir).is_absolute() else REPO / out_dir
     out.mkdir(parents=True, exist_ok=True)
+    lock = None if report_only else _claim_folder(out)  # noqa: F841 (held while this call runs)
     plan = {k: (dict(v) if isinstance(v, dict) else list(v)) for k, v in BUDGETS[budget].items()}
     for key, value in (("epochs", pretrain_epochs), ("iterations", pretrain_iterations)):
         if value is not None:

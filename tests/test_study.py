@@ -6,7 +6,11 @@ from __future__ import annotations
 import csv
 import inspect
 import json
+import os
 import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -129,3 +133,25 @@ def test_demo_generates_the_embedded_data_only_by_default(tmp_path, config):
         parser.read_config(REPO / "configs" / config)
         parser.update({"bundle_root": str(tmp_path / "runs" / "demo"), **data_overrides(dataset_dir)})
         assert parser.get_parsed_content("generate_if_missing") is generate
+
+
+def test_a_second_study_into_a_running_studys_folder_is_refused(tmp_path):
+    if os.name != "posix":
+        pytest.skip("advisory file locks are POSIX")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from scripts.study import _claim_folder; "
+         f"h = _claim_folder(Path({str(tmp_path)!r})); print('held', flush=True); time.sleep(60)"],
+        cwd=study_cli.REPO, stdout=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONPATH=str(study_cli.REPO)))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit, match=rf"another study is running in this folder \(pid {holder.pid}\)"):
+            study_cli.study(out_dir=str(tmp_path), budget="tiny", dry_run=True)
+        assert not (tmp_path / "study.json").exists()  # refused before anything is written
+        study_cli.study(out_dir=str(tmp_path), budget="tiny", report_only=True)  # a report may be read meanwhile
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    study_cli.study(out_dir=str(tmp_path), budget="tiny", dry_run=True)  # the lock went with its process
+    assert (tmp_path / "study.json").is_file()
