@@ -31,7 +31,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-import fire
 import torch
 
 from bundle.engines import transform_seed
@@ -40,6 +39,7 @@ from bundle.networks import PAPER_FEATURES, DenseClusterHead, FeatureUNet, Globa
 from bundle.options import flag
 from bundle.transforms import EquivariantTransform, TransformParams
 from scripts import benchmark_loader
+from scripts.fire_cli import fire_main
 
 
 def _sync(device: torch.device) -> None:
@@ -377,4 +377,4 @@ def loader(*args: Any, **kwargs: Any) -> Any:
 
 
 if __name__ == "__main__":
-    fire.Fire({"step": step, "loader": loader})
+    fire_main({"step": step, "loader": loader})

@@ -29,7 +29,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import fire
 import numpy as np
 import torch
 from monai.bundle import ConfigParser
@@ -37,6 +36,7 @@ from monai.data import MetaTensor
 from torch.utils.data import DataLoader
 
 from bundle.data.datalist import DatalistOptions, build_datalist, load_datalist, write_datalist
+from scripts.fire_cli import fire_main
 
 #: the pre-training config whose loader is measured
 PRETRAIN_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain.json"
@@ -209,4 +209,4 @@ def run(*args: Any, **kwargs: Any) -> str:
 
 
 if __name__ == "__main__":
-    fire.Fire({"run": run})
+    fire_main({"run": run})

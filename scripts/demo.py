@@ -24,9 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import fire
-
 from scripts.bundle_cli import REPO, bundle_command, run_logged
+from scripts.fire_cli import fire_main
 
 
 def _run(run_id: str, configs: list[str], overrides: dict[str, Any], log: Path) -> float:
@@ -177,4 +176,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire_main(main)

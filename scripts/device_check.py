@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import json
 
-import fire
 import torch
 
 from bundle.losses import PretrainingObjective
 from bundle.transforms import EquivariantTransform
+from scripts.fire_cli import fire_main
 
 
 def _inputs(batch: int, k: int, heads: int, size: int, seed: int) -> dict[str, torch.Tensor]:
@@ -92,4 +92,4 @@ def losses(batch: int = 6, num_clusters: int = 40, num_heads: int = 3, size: int
 
 
 if __name__ == "__main__":
-    fire.Fire({"losses": losses})
+    fire_main({"losses": losses})

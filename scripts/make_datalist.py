@@ -22,10 +22,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import fire
-
 from bundle.data.checks import DataCheckError
 from bundle.data.datalist import DatalistOptions, build_datalist, write_datalist
+from scripts.fire_cli import fire_main
 
 
 def make_datalist(
@@ -115,7 +114,7 @@ def make_datalist(
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: run :func:`make_datalist` with fire; data problems print cleanly and return 1."""
     try:
-        fire.Fire(make_datalist, command=list(argv) if argv is not None else None, name="make_datalist")
+        fire_main(make_datalist, argv, name="make_datalist")
     except (DataCheckError, FileExistsError, ValueError) as e:
         print(f"make_datalist: {e}", file=sys.stderr)
         return 1

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import time
 
-import fire
-
 from bundle.data.synthetic import generate_synthetic_acdc
+from scripts.fire_cli import fire_main
 
 
 def main(
@@ -41,4 +40,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire_main(main)

@@ -16,13 +16,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import fire
 import numpy as np
 from PIL import Image
 from skimage.segmentation import find_boundaries
 from skimage.transform import resize
 
 from bundle.data.synthetic import LABELS, generate_patient
+from scripts.fire_cli import fire_main
 
 _GREY_LEVELS = 248
 _COLOURS = {LABELS["lv"]: (230, 40, 40), LABELS["myocardium"]: (40, 220, 60), LABELS["rv"]: (60, 120, 255)}
@@ -88,4 +88,4 @@ def main(output: str = "docs/synthetic_examples.png", patients: Sequence[int] = 
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire_main(main)

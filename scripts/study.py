@@ -48,9 +48,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
-import fire
-
 from scripts.bundle_cli import REPO, bundle_command, run_logged
+from scripts.fire_cli import fire_main
 
 #: method -> (pre-training variant or None, Mean Teacher)
 METHODS: dict[str, tuple[str | None, bool]] = {
@@ -648,4 +647,4 @@ def _plot_clusters(out: Path, table: dict[str, Any], num_slices: int = 3) -> Non
 
 
 if __name__ == "__main__":
-    fire.Fire(study)
+    fire_main(study)
