@@ -41,6 +41,13 @@ def test_plan_counts_one_pretraining_per_method_and_sweeps(tmp_path, capsys):
     assert line.startswith("73 steps: 3 pre-trainings") and "40 fine-tunes, 30 evaluations" in line
 
 
+def test_default_lr_grid_searches_three_lrs_per_arm_on_the_first_seed(tmp_path, capsys):
+    study_cli.study(out_dir=str(tmp_path), methods=["scratch", "ours"], labeled=[1], seeds=[0, 1], budget="tiny",
+                    dry_run=True)
+    # per method: 3 lrs on seed 0 + 1 on seed 1 = 4 fine-tunes; 2 evaluations
+    assert "8 fine-tunes, 4 evaluations" in capsys.readouterr().out
+
+
 def test_tiny_study_runs_resumes_and_reports(tmp_path, tiny_acdc, capsys):
     out = tmp_path / "study"
     args = dict(out_dir=str(out), dataset_dir=str(tiny_acdc), methods=["scratch", "mt_ours"], labeled=[1],
