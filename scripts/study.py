@@ -161,16 +161,31 @@ class Study:
         done.write_text(json.dumps(record, indent=2))
         return record
 
+    def scored(self, folder: Path, model_dir: Path) -> dict[str, Any] | None:
+        """The finished test-split evaluation in ``folder`` if it scored ``model_dir``; None when there is none, or
+        when it scored another fine-tune (the lr chosen on the first seed changed since, e.g. a wider grid), or when
+        it does not say which (written by an older study)."""
+        done = folder / "done.json"
+        if not done.is_file():
+            return None
+        record = json.loads(done.read_text())
+        return record if record.get("model_dir") == os.path.relpath(model_dir, self.out) else None
+
     def evaluate(self, folder: Path, model_dir: Path) -> dict[str, Any]:
         done = folder / "done.json"
-        if done.is_file():
-            return json.loads(done.read_text())
+        record = self.scored(folder, model_dir)
+        if record is not None:
+            return record
+        if done.is_file():  # a score of another fine-tune: replaced, and the study log says so
+            with open(self.log, "a") as fh:
+                fh.write(f"# {folder}: scored again, for {model_dir} (the selected fine-tune changed)\n")
+            done.unlink()
         overrides = {**self.common(), **self.budget["finetune"], "ckpt_dir": str(model_dir), "output_dir": str(folder),
                      "save_predictions": False}
         configs = ["train.json", *self.budget["finetune_overlay"], "evaluate.json"]
         seconds = self.bundle_run("evaluating", configs, overrides, folder)
         summary = json.loads((folder / "metrics_summary.json").read_text())
-        record = {"seconds": seconds, "summary": summary}
+        record = {"seconds": seconds, "model_dir": os.path.relpath(model_dir, self.out), "summary": summary}
         done.write_text(json.dumps(record, indent=2))
         return record
 
@@ -411,8 +426,9 @@ def study(
 
     for (name, n, seed), record in results.items():
         folder = out / "evaluate" / _slug(name) / f"n{n}" / f"seed{seed}"
-        fresh = not (folder / "done.json").is_file()
-        ev = runner.evaluate(folder, Path(record["folder"]) / "models")
+        model_dir = Path(record["folder"]) / "models"
+        fresh = runner.scored(folder, model_dir) is None
+        ev = runner.evaluate(folder, model_dir)
         dice = ev["summary"]["dice"]["mean"]
         progress(f"evaluate {name} n={n} seed={seed} on the test split (3D Dice {dice:.3f})",
                  ev["seconds"] if fresh else None)
@@ -434,8 +450,10 @@ def collect_rows(out: Path, table: dict[str, Any], labeled: Sequence[int], seeds
                     continue
                 tuned = [json.loads(p.read_text())
                          for p in (out / "finetune" / _slug(name) / f"n{n}" / f"seed{seed}").glob("lr*/done.json")]
-                best = select_best(tuned)
                 ev = json.loads(ev_done.read_text())
+                # the fine-tune that was scored (an older study's record does not say: its best validation then)
+                scored = (out / ev["model_dir"]).parent / "done.json" if "model_dir" in ev else None
+                best = json.loads(scored.read_text()) if scored is not None else select_best(tuned)
                 summary = ev["summary"]
                 pre = out / "pretrain" / _pretrain_key(variant, settings) / "done.json" if variant else None
                 pre_rec = json.loads(pre.read_text()) if pre is not None and pre.is_file() else {}

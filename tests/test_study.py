@@ -162,3 +162,45 @@ def test_a_second_study_into_a_running_studys_folder_is_refused(tmp_path):
     time.sleep(0.1)
     study_cli.study(out_dir=str(tmp_path), budget="tiny", dry_run=True)  # the lock went with its process
     assert (tmp_path / "study.json").is_file()
+
+
+def _summary(dice: float) -> dict:
+    return {"num_scans": 2, "classes": ["LV"], "dice": {"per_class": {"LV": {"mean": dice}}, "mean": dice},
+            "hd95": {"mean": 1.0}}
+
+
+def test_a_test_score_is_redone_when_the_selected_fine_tune_changes(tmp_path, monkeypatch):
+    runner = study_cli.Study(tmp_path, None, study_cli.BUDGETS["tiny"], 2, 3, 0, {})
+    scored = []
+
+    def fake_bundle_run(run_id, configs, overrides, folder):  # stands in for `monai.bundle run evaluating`
+        folder.mkdir(parents=True, exist_ok=True)
+        scored.append(overrides["ckpt_dir"])
+        (folder / "metrics_summary.json").write_text(json.dumps(_summary(0.1 * len(scored))))
+        return 1.0
+
+    monkeypatch.setattr(runner, "bundle_run", fake_bundle_run)
+    folder = tmp_path / "evaluate" / "scratch" / "n1" / "seed0"
+    first, second = (tmp_path / "finetune" / "scratch" / "n1" / "seed0" / f"lr{lr}" / "models" for lr in (0.003, 0.01))
+    assert runner.scored(folder, first) is None
+    runner.evaluate(folder, first)
+    assert runner.evaluate(folder, first)["summary"]["dice"]["mean"] == pytest.approx(0.1)  # done: not scored again
+    assert runner.scored(folder, first) is not None and runner.scored(folder, second) is None
+    assert runner.evaluate(folder, second)["summary"]["dice"]["mean"] == pytest.approx(0.2)  # another model: again
+    assert scored == [str(first), str(second)]
+    assert "scored again" in (tmp_path / "study.log").read_text()
+
+
+def test_the_report_names_the_fine_tune_that_was_scored_not_each_seeds_best(tmp_path):
+    seed1 = tmp_path / "finetune" / "scratch" / "n1" / "seed1"
+    for lr, val in ((0.003, 0.7), (0.01, 0.6)):  # 3e-3 is better on this seed, but seed 0 chose 1e-2
+        (seed1 / f"lr{lr:g}").mkdir(parents=True)
+        (seed1 / f"lr{lr:g}" / "done.json").write_text(json.dumps(
+            {"lr": lr, "val_dice": val, "best_epoch": 3, "seconds": 5.0}))
+    ev = tmp_path / "evaluate" / "scratch" / "n1" / "seed1"
+    ev.mkdir(parents=True)
+    ev_record = {"seconds": 1.0, "model_dir": "finetune/scratch/n1/seed1/lr0.01/models", "summary": _summary(0.5)}
+    (ev / "done.json").write_text(json.dumps(ev_record))
+    table = study_cli._method_table(["scratch"], [], [], [])
+    (row,) = study_cli.collect_rows(tmp_path, table, [1], [1])
+    assert (row["lr"], row["val_dice"], row["dice_mean"]) == (0.01, 0.6, 0.5)
