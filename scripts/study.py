@@ -311,7 +311,8 @@ def study(
         seeds: labeled-subset and fine-tuning seeds (0, 1 and 2 are recorded in a new datalist).
         budget: named budget: tiny (CI), cpu (2 CPU cores), paper (the configs as shipped; a GPU).
         lrs: fine-tuning lr grid; per (method, labeled count) the best on the first seed's validation is used.
-            The default spans what real cardiac MRI needed: from scratch 1e-2, pre-trained 3e-3 (docs/results.md).
+            The default spans what real cardiac MRI chose: 1e-2 from scratch and with Mean Teacher, 3e-3 for the
+            pre-trained fine-tune at 1 and 2 scans, 1e-2 at 4 (docs/results.md).
         alphas: sweep of L_MI's alpha (adds ours[alpha=a] pre-trained methods; Table 3).
         cc_weights: sweep of lambda_CC (adds ours[cc_weight=w]; Table 4).
         num_clusters: sweep of K (adds ours[num_clusters=k]; Table 5).
