@@ -5,8 +5,8 @@ the zoo's layout); the configs that run without train.json read it through :func
 Paper, section D: resample in-plane to 1.0 x 1.0 mm, per-scan 1%/99% percentile normalisation, 384 x 384 in-plane;
 random 224 x 224 crops are taken later, per slice. The steps:
 
-1. ``LoadImaged`` with :data:`IMAGE_READERS` (NIfTI with nibabel, NRRD with pynrrd, both with RAS affines; meta
-   data kept, ``float32``); the image, and the label map where the entry has one,
+1. ``LoadImaged`` with a :class:`VolumeReader` (NIfTI with nibabel, NRRD with pynrrd, chosen by suffix, both with
+   RAS affines; meta data kept, ``float32``); the image, and the label map where the entry has one,
 2. ``EnsureChannelFirstd`` (``1,H,W,D``; a 4D multi-channel image becomes ``C,H,W,D``),
 3. :class:`~bundle.transforms.SelectChanneld` (one channel of a 4D image, e.g. T2 = channel 0 of the Decathlon
    prostate task; label maps must be single-channel),
@@ -25,14 +25,63 @@ pre-processed grid back to the original file's grid (shape and affine).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from os import PathLike
+from typing import Any
 
-__all__ = ["IMAGE_READERS", "IMAGE_SUFFIXES", "in_plane_pixdim", "in_plane_size"]
+import numpy as np
+from monai.data import ImageReader, NibabelReader, NrrdReader
+from monai.data.image_reader import NrrdImage
+from monai.utils import ensure_tuple
 
-#: MONAI readers of the volumes, chosen by file suffix: NIfTI, and NRRD as MONAI Label datastores also hold (MONAI's
-#: NrrdReader turns the LPS header into the RAS affine NibabelReader gives, so both formats take the same path)
-IMAGE_READERS = ("NibabelReader", "NrrdReader")
-#: the file suffixes those readers read
+__all__ = ["IMAGE_SUFFIXES", "VolumeReader", "in_plane_pixdim", "in_plane_size"]
+
+#: the file suffixes :class:`VolumeReader` reads
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd")
+
+
+class VolumeReader(ImageReader):
+    """The volumes' reader: NIfTI with MONAI's ``NibabelReader``, NRRD (as MONAI Label datastores also hold) with its
+    ``NrrdReader``, chosen by the file's suffix.
+
+    ``NrrdReader`` turns the LPS header into the RAS affine ``NibabelReader`` gives, so both formats take the same
+    path. Given the two readers by name, ``LoadImaged`` would try them in turn on every file, logging "unable to
+    load" for each file the first one cannot read and, for a broken file, reporting both readers' failures; this
+    reader reads each file once, with the one reader its suffix names.
+
+    Raises:
+        ValueError: from :meth:`read`, naming the file, when its suffix is none of :data:`IMAGE_SUFFIXES`.
+
+    Example::
+
+        LoadImaged(keys=["image", "label"], reader=VolumeReader(), image_only=False)
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._nifti = NibabelReader()
+        self._nrrd = NrrdReader()
+
+    def _reader_for(self, filename: Sequence[PathLike | str] | PathLike | str) -> ImageReader:
+        names = [str(f) for f in ensure_tuple(filename)]
+        if all(n.endswith(".nrrd") for n in names):
+            return self._nrrd
+        if all(n.endswith((".nii", ".nii.gz")) for n in names):
+            return self._nifti
+        raise ValueError(f"{', '.join(names)}: not a volume this bundle reads; expected one of {IMAGE_SUFFIXES}.")
+
+    def verify_suffix(self, filename: Sequence[PathLike | str] | PathLike | str) -> bool:
+        try:
+            self._reader_for(filename)
+        except ValueError:
+            return False
+        return True
+
+    def read(self, data: Sequence[PathLike | str] | PathLike | str, **kwargs: Any) -> Any:
+        return self._reader_for(data).read(data, **kwargs)
+
+    def get_data(self, img: Any) -> tuple[np.ndarray, dict]:
+        first = img[0] if isinstance(img, (list, tuple)) else img
+        return (self._nrrd if isinstance(first, NrrdImage) else self._nifti).get_data(img)
 
 
 def in_plane_pixdim(pixdim: Sequence[float]) -> tuple[float, float, float]:
