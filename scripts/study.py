@@ -19,7 +19,8 @@ What one study does, in order (every step is one ``python -m monai.bundle run ..
    for each (method, labeled count) the lr is chosen from ``lrs`` by the best validation 3D Dice of the first seed,
    then used for every seed. Model selection (the best validation epoch) uses the validation split only.
 4. **Evaluation** of each selected model, once, on the test split (``configs/evaluate.json``).
-5. **Report**: ``runs.csv`` (one row per run), ``results.md`` (the paper's table form: per class and mean, mean +- std
+5. **Report**: ``runs.csv`` (one row per run; its ``finetune_s`` is every fine-tune of that seed, so on the first
+   seed the whole lr grid's cost), ``results.md`` (the paper's table form: per class and mean, mean +- std
    over seeds; with several foreground classes also their union, ``label > 0``, e.g. the whole prostate gland),
    ``dice_vs_labeled.png``, ``pretraining.png`` (MI and cluster Dice per pre-training epoch) and ``cluster_maps.png``
    (each pre-training method's cluster map on the same validation slices, the paper's Figure 2).
