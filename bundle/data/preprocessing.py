@@ -35,8 +35,10 @@ from monai.utils import ensure_tuple
 
 __all__ = ["IMAGE_SUFFIXES", "VolumeReader", "in_plane_pixdim", "in_plane_size"]
 
-#: the file suffixes :class:`VolumeReader` reads
-IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd")
+#: the file suffixes :class:`VolumeReader` reads: NIfTI, then NRRD
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+NRRD_SUFFIXES = (".nrrd",)
+IMAGE_SUFFIXES = NIFTI_SUFFIXES + NRRD_SUFFIXES
 
 
 class VolumeReader(ImageReader):
@@ -63,10 +65,9 @@ class VolumeReader(ImageReader):
 
     def _reader_for(self, filename: Sequence[PathLike | str] | PathLike | str) -> ImageReader:
         names = [str(f) for f in ensure_tuple(filename)]
-        if all(n.endswith(".nrrd") for n in names):
-            return self._nrrd
-        if all(n.endswith((".nii", ".nii.gz")) for n in names):
-            return self._nifti
+        for suffixes, reader in ((NIFTI_SUFFIXES, self._nifti), (NRRD_SUFFIXES, self._nrrd)):
+            if all(n.endswith(suffixes) for n in names):
+                return reader
         raise ValueError(f"{', '.join(names)}: not a volume this bundle reads; expected one of {IMAGE_SUFFIXES}.")
 
     def verify_suffix(self, filename: Sequence[PathLike | str] | PathLike | str) -> bool:
