@@ -67,7 +67,7 @@ def make_datalist(
         patient_regex: folder layout: regex extracting the patient id from the scan id.
         check: check every file's content before writing.
         overwrite: replace an existing, different ``output``.
-        unlabeled_dir: a folder of unlabeled images (NIfTI at any depth) added to pre-training only.
+        unlabeled_dir: a folder of unlabeled images (NIfTI or NRRD at any depth) added to pre-training only.
         label_names: class names, background included, in class order (``'[background,PZ,TZ]'``) or as a mapping
             (``'{"0": "background", "1": "PZ", "2": "TZ"}'``); default: the layout's, else the class indices.
 

@@ -16,6 +16,7 @@ from bundle.data.checks import DataCheckError
 from bundle.data.datalist import DatalistOptions, build_datalist, load_split, prepare_datalist, pretraining_entries
 from bundle.data.sources import find_folder, find_images, find_msd
 from tests.test_data_sources import write_folder, write_msd
+from tests.test_evaluate_inference import _write_nrrd_copy
 
 
 def _images_only(root: Path, names: list[str], source: Path) -> Path:
@@ -121,6 +122,29 @@ def test_bad_unlabeled_files_are_named(tmp_path: Path) -> None:
                                              unlabeled_dir=extra))
     with pytest.raises(DataCheckError, match="missing folder of unlabeled images"):
         find_images(tmp_path / "absent")
+
+
+def test_unlabeled_dir_reads_nrrd_as_it_reads_nifti(tmp_path: Path) -> None:
+    root = write_folder(tmp_path / "ds", n_cases=4)
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    _write_nrrd_copy(root / "images" / "Case00.nii.gz", extra / "other.nrrd")
+    (extra / "other_seg.nrrd").write_bytes(b"a label file by its name: left out, never read")
+    dl = build_datalist(root, DatalistOptions(kind="folder", num_val=1, num_test=1, labeled_counts=(1,), seeds=(0,),
+                                              unlabeled_dir=extra))
+    assert [(e["scan_id"], Path(e["image"]).name) for e in dl["unlabeled"]] == [("other", "other.nrrd")]
+    assert str(extra / "other.nrrd") in [e["image"] for e in pretraining_entries(dl)]
+
+
+def test_an_unlabeled_dir_without_images_is_an_error(tmp_path: Path) -> None:
+    root = write_folder(tmp_path / "ds", n_cases=4)
+    extra = tmp_path / "dicom"
+    (extra / "series").mkdir(parents=True)
+    (extra / "series" / "IM0001.dcm").write_bytes(b"DICM")
+    (extra / "notes.txt").write_text("not an image")
+    with pytest.raises(DataCheckError, match=r"dicom: unlabeled_dir holds no NIfTI or NRRD image \(suffixes \.nii, "):
+        build_datalist(root, DatalistOptions(kind="folder", num_val=1, num_test=1, labeled_counts=(1,), seeds=(0,),
+                                             unlabeled_dir=extra))
 
 
 def test_fine_tuning_on_an_unlabeled_only_dataset_says_why(tmp_path: Path) -> None:

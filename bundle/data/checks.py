@@ -33,6 +33,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from bundle.data.preprocessing import NRRD_SUFFIXES
+
 __all__ = ["DataCheckError", "check_entries", "check_file_exists"]
 
 AFFINE_ATOL = 1e-3  # millimetres: tolerance between image and label affines
@@ -101,7 +103,7 @@ def _load_nrrd(path: Path) -> nib.Nifti1Image:
 
 def _load_header(path: Path, problems: list[str]) -> nib.spatialimages.SpatialImage | None:
     try:
-        img = _load_nrrd(path) if path.name.endswith(".nrrd") else nib.load(str(path))
+        img = _load_nrrd(path) if path.name.endswith(NRRD_SUFFIXES) else nib.load(str(path))
     except Exception as e:  # every decoding failure becomes a reported problem, nothing is swallowed
         problems.append(f"{path}: unreadable or corrupt image file ({type(e).__name__}: {e})")
         return None

@@ -34,6 +34,7 @@ import nibabel as nib
 import numpy as np
 
 from bundle.data.checks import DataCheckError, check_entries
+from bundle.data.preprocessing import IMAGE_SUFFIXES
 from bundle.data.sources import SourceScans, find_images, find_scans, nifti_stem
 from bundle.data.splits import check_splits, choose_labeled, file_hash, split_by_patient, split_hash
 from bundle.files import atomic_path
@@ -124,7 +125,8 @@ class DatalistOptions:
         label_pattern: folder sources: label pattern with ``{id}``.
         patient_regex: folder sources: regex giving the patient id from the scan id.
         check: run :func:`~bundle.data.checks.check_entries` on every scan (recommended; reads every file once).
-        unlabeled_dir: a folder of unlabeled images (NIfTI files at any depth) added to the pre-training pool.
+        unlabeled_dir: a folder of unlabeled images (NIfTI or NRRD files at any depth) added to the pre-training pool;
+            a folder without any is an error.
         label_names: names of the classes, background included: a list in class order or a mapping from class index
             to name (JSON text of either is read); they name the columns of every evaluation. Default: the names the
             layout declares (ACDC's RV / Myo / LV, a Decathlon ``dataset.json``'s ``labels``), else the indices.
@@ -178,7 +180,11 @@ def build_datalist(root: str | Path, options: DatalistOptions = DatalistOptions(
     )
     channel = src.channel if options.channel is None else options.channel
     unlabeled_dir = options.unlabeled_dir
-    unlabeled = [dict(e) for e in src.unlabeled] + (find_images(unlabeled_dir) if unlabeled_dir is not None else [])
+    extra = find_images(unlabeled_dir) if unlabeled_dir is not None else []
+    if unlabeled_dir is not None and not extra:
+        raise DataCheckError([f"{Path(unlabeled_dir).expanduser().resolve()}: unlabeled_dir holds no NIfTI or NRRD "
+                              f"image (suffixes {', '.join(IMAGE_SUFFIXES)}, at any depth; label files left out)"])
+    unlabeled = [dict(e) for e in src.unlabeled] + extra
     intact = bool(src.splits and src.splits.get("validation") and src.splits.get("test"))
     if not src.entries:  # unlabeled scans only: pre-training, nothing to fine-tune or evaluate
         splits = {k: [] for k in SPLITS}

@@ -33,7 +33,7 @@ from monai.data import ImageReader, NibabelReader, NrrdReader
 from monai.data.image_reader import NrrdImage
 from monai.utils import ensure_tuple
 
-__all__ = ["IMAGE_SUFFIXES", "VolumeReader", "in_plane_pixdim", "in_plane_size"]
+__all__ = ["IMAGE_SUFFIXES", "NIFTI_SUFFIXES", "NRRD_SUFFIXES", "VolumeReader", "in_plane_pixdim", "in_plane_size"]
 
 #: the file suffixes :class:`VolumeReader` reads: NIfTI, then NRRD
 NIFTI_SUFFIXES = (".nii", ".nii.gz")

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from bundle.data.checks import DataCheckError
+from bundle.data.preprocessing import IMAGE_SUFFIXES
 
 __all__ = [
     "ACDC_LABEL_NAMES",
@@ -342,7 +343,8 @@ def find_folder(
             if unlabeled:  # no pair at all: a folder of unlabeled images
                 return SourceScans("folder", root, [], unlabeled=unlabeled, extra={"unlabeled_only": True})
             tried = "; ".join(f"{ip} + {lp}" for ip, lp in FOLDER_PATTERNS)
-            raise DataCheckError([f"{root}: no image/label pairs and no NIfTI image found (patterns tried: {tried})"])
+            raise DataCheckError([f"{root}: no image/label pairs and no NIfTI or NRRD image found "
+                                  f"(patterns tried: {tried})"])
         _, image_pattern, label_pattern = best
     images, labels = _match_pairs(root, image_pattern, label_pattern)
     if not images:
@@ -369,8 +371,8 @@ def find_folder(
 
 def find_images(root: str | Path, exclude_suffixes: Sequence[str] = ("_gt", "_seg", "_Segmentation", "_label")
                 ) -> list[dict[str, Any]]:
-    """Every NIfTI image below ``root`` (sub-folders included, sorted), as unlabeled entries; files whose stem ends
-    with a label suffix are left out. Scan ids are the paths relative to ``root`` without the extension, so equal
+    """Every NIfTI or NRRD image below ``root`` (sub-folders included, sorted), as unlabeled entries; files whose stem
+    ends with a label suffix are left out. Scan ids are the paths relative to ``root`` without the extension, so equal
     file names in different sub-folders stay distinct.
 
     Raises:
@@ -381,7 +383,7 @@ def find_images(root: str | Path, exclude_suffixes: Sequence[str] = ("_gt", "_se
         raise DataCheckError([f"{root}: missing folder of unlabeled images (no such directory)"])
     entries = []
     for path in sorted(root.rglob("*")):
-        if not path.is_file() or not path.name.endswith((".nii", ".nii.gz")):
+        if not path.is_file() or not path.name.endswith(IMAGE_SUFFIXES):
             continue
         if nifti_stem(path).endswith(tuple(exclude_suffixes)) or path.name.startswith("."):
             continue
