@@ -171,7 +171,7 @@ def test_inference_writes_segmentations_with_the_input_geometry(
     np.testing.assert_array_equal(b, a[::-1])  # same anatomy stored flipped -> same segmentation, flipped
 
 
-def _write_nrrd_copy(src: Path, dst: Path) -> None:
+def write_nrrd_copy(src: Path, dst: Path) -> None:
     """The same scan as NRRD: the voxels in file order, the RAS affine written as NRRD's LPS header."""
     import nrrd
 
@@ -185,7 +185,7 @@ def test_inference_reads_nrrd_as_it_reads_nifti(bundle_workflow, tiny_overrides,
                                                 ) -> None:
     inputs, src = _model_and_input_folder(tmp_path, tiny_acdc)
     (inputs / "a.nii.gz").write_bytes(src.read_bytes())
-    _write_nrrd_copy(src, inputs / "b.nrrd")
+    write_nrrd_copy(src, inputs / "b.nrrd")
     (inputs / "notes.txt").write_text("not an image")
     out = tmp_path / "out"
     wf = bundle_workflow(["inference"], workflow_type="infer", **tiny_overrides, bundle_root=str(tmp_path),

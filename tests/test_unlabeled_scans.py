@@ -16,7 +16,7 @@ from bundle.data.checks import DataCheckError
 from bundle.data.datalist import DatalistOptions, build_datalist, load_split, prepare_datalist, pretraining_entries
 from bundle.data.sources import find_folder, find_images, find_msd
 from tests.test_data_sources import write_folder, write_msd
-from tests.test_evaluate_inference import _write_nrrd_copy
+from tests.test_evaluate_inference import write_nrrd_copy
 
 
 def _images_only(root: Path, names: list[str], source: Path) -> Path:
@@ -128,7 +128,7 @@ def test_unlabeled_dir_reads_nrrd_as_it_reads_nifti(tmp_path: Path) -> None:
     root = write_folder(tmp_path / "ds", n_cases=4)
     extra = tmp_path / "extra"
     extra.mkdir()
-    _write_nrrd_copy(root / "images" / "Case00.nii.gz", extra / "other.nrrd")
+    write_nrrd_copy(root / "images" / "Case00.nii.gz", extra / "other.nrrd")
     (extra / "other_seg.nrrd").write_bytes(b"a label file by its name: left out, never read")
     dl = build_datalist(root, DatalistOptions(kind="folder", num_val=1, num_test=1, labeled_counts=(1,), seeds=(0,),
                                               unlabeled_dir=extra))

@@ -180,11 +180,13 @@ def build_datalist(root: str | Path, options: DatalistOptions = DatalistOptions(
     )
     channel = src.channel if options.channel is None else options.channel
     unlabeled_dir = options.unlabeled_dir
-    extra = find_images(unlabeled_dir) if unlabeled_dir is not None else []
-    if unlabeled_dir is not None and not extra:
-        raise DataCheckError([f"{Path(unlabeled_dir).expanduser().resolve()}: unlabeled_dir holds no NIfTI or NRRD "
-                              f"image (suffixes {', '.join(IMAGE_SUFFIXES)}, at any depth; label files left out)"])
-    unlabeled = [dict(e) for e in src.unlabeled] + extra
+    unlabeled = [dict(e) for e in src.unlabeled]
+    if unlabeled_dir is not None:
+        found = find_images(unlabeled_dir)
+        if not found:
+            raise DataCheckError([f"{Path(unlabeled_dir).expanduser().resolve()}: unlabeled_dir holds no NIfTI or NRRD "
+                                  f"image (suffixes {', '.join(IMAGE_SUFFIXES)}, at any depth; label files left out)"])
+        unlabeled += found
     intact = bool(src.splits and src.splits.get("validation") and src.splits.get("test"))
     if not src.entries:  # unlabeled scans only: pre-training, nothing to fine-tune or evaluate
         splits = {k: [] for k in SPLITS}
