@@ -17,7 +17,9 @@ What one study does, in order (every step is one ``python -m monai.bundle run ..
    shared by every fine-tune that starts from it.
 3. **Fine-tuning** (``configs/train.json`` [+ ``configs/mean_teacher.json``]) with the same recipe for every method:
    for each (method, labeled count) the lr is chosen from ``lrs`` by the best validation 3D Dice of the first seed,
-   then used for every seed. Model selection (the best validation epoch) uses the validation split only.
+   then used for every seed (``--lr_choice mean``: every seed runs the whole grid and the lr with the best mean
+   validation Dice over the seeds is used for all of them). Model selection (the best validation epoch) uses the
+   validation split only.
 4. **Evaluation** of each selected model, once, on the test split (``configs/evaluate.json``).
 5. **Report**: ``runs.csv`` (one row per run; its ``finetune_s`` is every fine-tune of that seed, so on the first
    seed the whole lr grid's cost), ``results.md`` (the paper's table form: per class and mean, mean +- std
@@ -243,6 +245,14 @@ def select_best(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return max(records, key=lambda r: (r["val_dice"], -r["lr"]))
 
 
+def select_lr_by_mean(records: Sequence[dict[str, Any]]) -> float:
+    """The lr whose fine-tunes (one per seed) have the best mean validation Dice; a tie goes to the smaller lr."""
+    by_lr: dict[float, list[float]] = defaultdict(list)
+    for record in records:
+        by_lr[record["lr"]].append(record["val_dice"])
+    return max(by_lr, key=lambda lr: (sum(by_lr[lr]) / len(by_lr[lr]), -lr))
+
+
 def _file_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
@@ -283,6 +293,7 @@ def study(
     seeds: Sequence[int] = (0, 1, 2),
     budget: str = "cpu",
     lrs: Sequence[float] = (1e-3, 3e-3, 1e-2),
+    lr_choice: str = "first_seed",
     alphas: Sequence[float] | None = None,
     cc_weights: Sequence[float] | None = None,
     num_clusters: Sequence[int] | None = None,
@@ -314,6 +325,9 @@ def study(
         lrs: fine-tuning lr grid; per (method, labeled count) the best on the first seed's validation is used.
             The default spans what real cardiac MRI chose: 1e-2 from scratch and with Mean Teacher, 3e-3 for the
             pre-trained fine-tune at 1 and 2 scans, 1e-2 at 4 (docs/results.md).
+        lr_choice: how each (method, labeled count) picks its lr on validation: ``first_seed`` (the grid on the
+            first seed, its best lr for the others) or ``mean`` (the grid on every seed, the best mean validation
+            Dice over the seeds; more fine-tunes, less noise from one seed's validation).
         alphas: sweep of L_MI's alpha (adds ours[alpha=a] pre-trained methods; Table 3).
         cc_weights: sweep of lambda_CC (adds ours[cc_weight=w]; Table 4).
         num_clusters: sweep of K (adds ours[num_clusters=k]; Table 5).
@@ -336,6 +350,8 @@ def study(
     """
     if budget not in BUDGETS:
         raise SystemExit(f"unknown budget {budget!r}; available: {', '.join(BUDGETS)}.")
+    if lr_choice not in ("first_seed", "mean"):
+        raise SystemExit(f"unknown lr_choice {lr_choice!r}; available: first_seed, mean.")
     out = Path(out_dir) if Path(out_dir).is_absolute() else REPO / out_dir
     out.mkdir(parents=True, exist_ok=True)
     lock = None if report_only else _claim_folder(out)  # noqa: F841 (held while this call runs)
@@ -359,21 +375,23 @@ def study(
     runner = Study(out, dataset_dir, plan, num_classes, num_partitions, pretrain_seed, extra)
     (out / "study.json").write_text(json.dumps(
         {"budget": budget, "plan": plan, "extra": extra, "methods": list(table), "labeled": labeled_counts,
-         "seeds": seed_list, "lrs": lr_grid, "dataset_dir": dataset_dir, "pretrain_seed": pretrain_seed,
-         "num_classes": num_classes, "num_partitions": num_partitions}, indent=2))
+         "seeds": seed_list, "lrs": lr_grid, "lr_choice": lr_choice, "dataset_dir": dataset_dir,
+         "pretrain_seed": pretrain_seed, "num_classes": num_classes, "num_partitions": num_partitions}, indent=2))
     if report_only:
         write_report(out, table, labeled_counts, seed_list)
         return
 
-    # the plan, in order: pre-trainings, then the lr grid of each arm on its first seed, then the other seeds
+    # the plan, in order: pre-trainings, then the lr grid of each arm on its first seed (on every seed with
+    # lr_choice "mean"), then the other seeds at the lr their first seed chose
     pretrainings = {_pretrain_key(v, s): (v, s) for v, _, s in table.values() if v is not None}
-    finetunes = []
+    grid_seeds = seed_list if lr_choice == "mean" else seed_list[:1]
+    finetunes: list[tuple[str, int, int, float | None]] = []
     for name in table:
         for n in labeled_counts:
-            finetunes += [(name, n, seed_list[0], lr) for lr in lr_grid]
+            finetunes += [(name, n, s, lr) for s in grid_seeds for lr in lr_grid]
     for name in table:
         for n in labeled_counts:
-            finetunes += [(name, n, s, None) for s in seed_list[1:]]
+            finetunes += [(name, n, s, None) for s in seed_list if s not in grid_seeds]
     total = len(pretrainings) + len(finetunes) + len(table) * len(labeled_counts) * len(seed_list)
     if dry_run:
         print(f"{total} steps: {len(pretrainings)} pre-trainings {sorted(pretrainings)}, {len(finetunes)} "
@@ -410,6 +428,7 @@ def study(
 
     chosen: dict[tuple[str, int], float] = {}
     results: dict[tuple[str, int, int], dict[str, Any]] = {}
+    tuned: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
     for name, n, seed, lr in finetunes:
         variant, mt, settings = table[name]
         init = weights[_pretrain_key(variant, settings)]["weights"] if variant else None
@@ -420,11 +439,19 @@ def study(
         record = runner.finetune(folder, mt, init, n, seed, lr)
         progress(f"fine-tune {name} n={n} seed={seed} lr={lr:g} (val Dice {record['val_dice']:.3f})",
                  record["seconds"] if fresh else None)
+        record = {**record, "folder": str(folder), "seed": seed}
+        tuned[(name, n)].append(record)
         best = results.get((name, n, seed))
         if best is None or select_best([best, record]) is record:
-            results[(name, n, seed)] = {**record, "folder": str(folder)}
+            results[(name, n, seed)] = record
         if seed == seed_list[0]:
             chosen[(name, n)] = results[(name, n, seed)]["lr"]
+    if lr_choice == "mean":  # every seed at the lr with the best mean validation Dice, not at its own best
+        for (name, n), records in tuned.items():
+            lr = select_lr_by_mean(records)
+            for record in records:
+                if record["lr"] == lr:
+                    results[(name, n, record["seed"])] = record
 
     for (name, n, seed), record in results.items():
         folder = out / "evaluate" / _slug(name) / f"n{n}" / f"seed{seed}"

@@ -48,6 +48,48 @@ def test_default_lr_grid_searches_three_lrs_per_arm_on_the_first_seed(tmp_path, 
     assert "8 fine-tunes, 4 evaluations" in capsys.readouterr().out
 
 
+def test_lr_choice_mean_runs_the_grid_on_every_seed_and_unknown_rules_are_refused(tmp_path, capsys):
+    study_cli.study(out_dir=str(tmp_path), methods=["scratch", "ours"], labeled=[1], seeds=[0, 1, 2],
+                    lrs=[3e-3, 1e-2], lr_choice="mean", budget="tiny", dry_run=True)
+    # per method: 2 lrs x 3 seeds = 6 fine-tunes (first_seed: 2 + 2 = 4); 3 evaluations
+    assert "12 fine-tunes, 6 evaluations" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="unknown lr_choice 'best'"):
+        study_cli.study(out_dir=str(tmp_path / "c"), lr_choice="best", dry_run=True)
+    assert not (tmp_path / "c").exists()
+
+
+def test_select_lr_by_mean_averages_over_seeds_then_prefers_the_smaller_lr():
+    runs = [{"lr": 3e-3, "val_dice": 0.70}, {"lr": 1e-2, "val_dice": 0.72},   # seed 0 alone would take 1e-2
+            {"lr": 3e-3, "val_dice": 0.60}, {"lr": 1e-2, "val_dice": 0.50}]   # means: 0.65 against 0.61
+    assert study_cli.select_lr_by_mean(runs) == 3e-3
+    tie = [{"lr": 1e-2, "val_dice": 0.5}, {"lr": 1e-3, "val_dice": 0.4}, {"lr": 1e-3, "val_dice": 0.6}]
+    assert study_cli.select_lr_by_mean(tie) == 1e-3
+
+
+def test_lr_choice_mean_scores_every_seed_at_the_lr_best_on_average(tmp_path, monkeypatch):
+    val = {(0, 1e-3): 0.9, (0, 2e-3): 0.5, (1, 1e-3): 0.1, (1, 2e-3): 0.6}  # seed 0 prefers 1e-3; the mean 2e-3
+    scored = []
+
+    def finetune(self, folder, mean_teacher, weights, labeled, seed, lr):
+        return {"lr": lr, "val_dice": val[(seed, lr)], "best_epoch": 1, "seconds": 1.0}
+
+    def evaluate(self, folder, model_dir):
+        scored.append(Path(model_dir).relative_to(tmp_path).as_posix())
+        return {"seconds": 1.0, "summary": {"dice": {"mean": 0.5}}}
+
+    monkeypatch.setattr(study_cli.Study, "finetune", finetune)
+    monkeypatch.setattr(study_cli.Study, "evaluate", evaluate)
+    monkeypatch.setattr(study_cli.Study, "scored", lambda self, folder, model_dir: None)
+    (tmp_path / "datalist.json").write_text("{}")  # an existing study datalist: no data prepared
+    study_cli.study(out_dir=str(tmp_path), methods=["scratch"], labeled=[1], seeds=[0, 1], lrs=[1e-3, 2e-3],
+                    lr_choice="mean", budget="tiny")
+    assert scored == ["finetune/scratch/n1/seed0/lr0.002/models", "finetune/scratch/n1/seed1/lr0.002/models"]
+    scored.clear()
+    study_cli.study(out_dir=str(tmp_path), methods=["scratch"], labeled=[1], seeds=[0, 1], lrs=[1e-3, 2e-3],
+                    budget="tiny")  # the first seed's choice: 1e-3 for both
+    assert scored == ["finetune/scratch/n1/seed0/lr0.001/models", "finetune/scratch/n1/seed1/lr0.001/models"]
+
+
 def test_tiny_study_runs_resumes_and_reports(tmp_path, tiny_acdc, capsys):
     out = tmp_path / "study"
     args = dict(out_dir=str(out), dataset_dir=str(tiny_acdc), methods=["scratch", "mt_ours"], labeled=[1],
