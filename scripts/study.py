@@ -322,7 +322,7 @@ def study(
         labeled: labeled-scan counts (each must be recorded in the datalist: 1, 2 and 4 are).
         seeds: labeled-subset and fine-tuning seeds (0, 1 and 2 are recorded in a new datalist).
         budget: named budget: tiny (CI), cpu (2 CPU cores), paper (the configs as shipped; a GPU).
-        lrs: fine-tuning lr grid; per (method, labeled count) the best on the first seed's validation is used.
+        lrs: fine-tuning lr grid; per (method, labeled count) the best on validation is used (``lr_choice``).
             The default spans what real cardiac MRI chose: 1e-2 from scratch and with Mean Teacher, 3e-3 for the
             pre-trained fine-tune at 1 and 2 scans, 1e-2 at 4 (docs/results.md).
         lr_choice: how each (method, labeled count) picks its lr on validation: ``first_seed`` (the grid on the
