@@ -427,7 +427,6 @@ def study(
         progress(f"pre-train {key}{note}", weights[key]["seconds"] if fresh else None)
 
     chosen: dict[tuple[str, int], float] = {}
-    results: dict[tuple[str, int, int], dict[str, Any]] = {}
     tuned: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
     for name, n, seed, lr in finetunes:
         variant, mt, settings = table[name]
@@ -439,19 +438,15 @@ def study(
         record = runner.finetune(folder, mt, init, n, seed, lr)
         progress(f"fine-tune {name} n={n} seed={seed} lr={lr:g} (val Dice {record['val_dice']:.3f})",
                  record["seconds"] if fresh else None)
-        record = {**record, "folder": str(folder), "seed": seed}
-        tuned[(name, n)].append(record)
-        best = results.get((name, n, seed))
-        if best is None or select_best([best, record]) is record:
-            results[(name, n, seed)] = record
+        tuned[(name, n)].append({**record, "folder": str(folder), "seed": seed})
         if seed == seed_list[0]:
-            chosen[(name, n)] = results[(name, n, seed)]["lr"]
-    if lr_choice == "mean":  # every seed at the lr with the best mean validation Dice, not at its own best
-        for (name, n), records in tuned.items():
-            lr = select_lr_by_mean(records)
-            for record in records:
-                if record["lr"] == lr:
-                    results[(name, n, record["seed"])] = record
+            chosen[(name, n)] = select_best([r for r in tuned[(name, n)] if r["seed"] == seed])["lr"]
+
+    # every seed is scored at its arm's one lr: the first seed's best, or the best mean over the seeds
+    results: dict[tuple[str, int, int], dict[str, Any]] = {}
+    for (name, n), records in tuned.items():
+        lr = select_lr_by_mean(records) if lr_choice == "mean" else chosen[(name, n)]
+        results.update({(name, n, r["seed"]): r for r in records if r["lr"] == lr})
 
     for (name, n, seed), record in results.items():
         folder = out / "evaluate" / _slug(name) / f"n{n}" / f"seed{seed}"
