@@ -226,7 +226,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _last_mi(log: Path) -> float | None:
-    found = re.findall(r"clusters: MI=([0-9.]+) nat", log.read_text()) if log.is_file() else []
+    found = re.findall(r"clusters: MI=(-?[0-9.]+) nat", log.read_text()) if log.is_file() else []
     return float(found[-1]) if found else None
 
 
@@ -545,7 +545,7 @@ def pretraining_curves(folder: Path) -> list[dict[str, Any]]:
     from its log and ``cluster_health.jsonl`` (the majority-vote and one-cluster-per-class matches; None where no
     health figure was scored)."""
     log = folder / "log.txt"
-    found = re.findall(r"epoch (\d+)/\d+: .*?clusters: MI=([0-9.]+) nat \(([0-9.]+)% of log K\)",
+    found = re.findall(r"epoch (\d+)/\d+: .*?clusters: MI=(-?[0-9.]+) nat \((-?[0-9.]+)% of log K\)",
                        log.read_text()) if log.is_file() else []
     health = {r["epoch"]: r for r in _read_jsonl(folder / "cluster_health.jsonl")}
     by_epoch = {int(e): (float(mi), float(frac) / 100.0) for e, mi, frac in found}  # a resumed epoch: the last

@@ -104,6 +104,16 @@ def test_hand_computed_k3_joint_and_statistics() -> None:
     assert loss.item() == pytest.approx(h_prime - math.log(3) - h_cols, abs=1e-5)
 
 
+def test_cluster_statistics_mi_of_independent_views_is_zero_never_negative() -> None:
+    # P = a b^T (the views independent): I = 0 exactly; in float32 the three entropies round to about -1e-7 for
+    # many such joints, which the log would print as "MI=-0.000" (and log readers would miss)
+    generator = torch.Generator().manual_seed(0)
+    a = torch.softmax(0.01 * torch.randn(64, 6, generator=generator), dim=1)
+    b = torch.softmax(0.01 * torch.randn(64, 6, generator=generator), dim=1)
+    mi = cluster_statistics(a[:, :, None] * b[:, None, :])["mutual_information"]
+    assert mi.shape == (64,) and bool((mi >= 0).all()) and mi.max().item() < 1e-6
+
+
 def test_cluster_statistics_dead_clusters_and_shapes() -> None:
     k = 4
     joint = torch.diag(torch.tensor([0.5, 0.3, 0.19, 0.01]))  # 0.01 < 0.1 / 4 -> one dead cluster

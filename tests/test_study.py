@@ -150,6 +150,20 @@ def test_best_validation_reads_the_validation_line_not_the_training_one(tmp_path
         study_cli._best_validation(log)
 
 
+def test_pretraining_curves_read_every_epoch_of_the_log(tmp_path):
+    # a log written before MI was clamped at 0 can hold "MI=-0.000" (float rounding at independent views)
+    (tmp_path / "log.txt").write_text(
+        "- INFO - epoch 1/3: loss=3.2 clusters: MI=-0.000 nat (-0.0% of log K) H(marg)=1.714/1.792 dead=0\n"
+        "- INFO - epoch 2/3: loss=3.1 clusters: MI=0.250 nat (7.0% of log K) H(marg)=3.5/3.6 dead=0\n"
+        "- INFO - epoch 3/3: loss=3.0 clusters: MI=1.714 nat (46.5% of log K) H(marg)=3.6/3.6 dead=0\n"
+    )
+    (tmp_path / "cluster_health.jsonl").write_text(json.dumps({"epoch": 3, "mean": 0.4}) + "\n")
+    curves = study_cli.pretraining_curves(tmp_path)
+    assert [(c["epoch"], c["mi"], c["cluster_dice"]) for c in curves] == [(1, 0.0, None), (2, 0.25, None),
+                                                                          (3, 1.714, 0.4)]
+    assert curves[2]["mi_fraction"] == pytest.approx(0.465)
+
+
 def test_select_best_prefers_validation_dice_then_the_smaller_lr():
     runs = [{"lr": 3e-3, "val_dice": 0.5}, {"lr": 1e-3, "val_dice": 0.5}, {"lr": 1e-2, "val_dice": 0.4}]
     assert study_cli.select_best(runs)["lr"] == 1e-3

@@ -280,7 +280,8 @@ def cluster_statistics(
 
     Returns:
         dict with, per head (shape ``(M,)``, or 0-d for a ``K,K`` input):
-        ``mutual_information`` I = H(rows) + H(cols) - H(P) in nats (exact zeros contribute 0);
+        ``mutual_information`` I = H(rows) + H(cols) - H(P) in nats (exact zeros contribute 0; clamped at 0,
+        where float rounding of the three entropies leaves about -1e-7 for independent rows and columns);
         ``marginal_entropy`` H of the average marginal in nats (log K when balanced);
         ``dead_clusters`` the number of dead clusters (int64).
 
@@ -300,7 +301,7 @@ def cluster_statistics(
         def entropy(x: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
             return -torch.special.xlogy(x, x).sum(dim=tuple(dims))
 
-        mutual_information = entropy(rows, (1,)) + entropy(cols, (1,)) - entropy(p, (1, 2))
+        mutual_information = (entropy(rows, (1,)) + entropy(cols, (1,)) - entropy(p, (1, 2))).clamp_min(0.0)
         average = (rows + cols) / 2
         stats = {
             "mutual_information": mutual_information,
