@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+# a pre-training log's per-epoch clustering figures, as bundle/handlers/monitor.py writes them: MI in nats and as a
+# percentage of log K (a sign accepted: logs written before MI was clamped at 0 can hold "MI=-0.000")
+CLUSTER_MI_LINE = r"clusters: MI=(-?[0-9.]+) nat \((-?[0-9.]+)% of log K\)"
 
 
 def bundle_command(run_id: str, configs: Sequence[str], overrides: Mapping[str, Any]) -> tuple[list[str], str]:

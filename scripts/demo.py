@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scripts.bundle_cli import REPO, bundle_command, run_logged
+from scripts.bundle_cli import CLUSTER_MI_LINE, REPO, bundle_command, run_logged
 from scripts.fire_cli import fire_main
 
 
@@ -38,7 +38,7 @@ def _run(run_id: str, configs: list[str], overrides: dict[str, Any], log: Path) 
 
 def _pretrain_health(folder: Path, log: Path) -> str:
     """The label-free figures of the finished pre-training: last MI (nats, fraction of log K) and cluster Dice."""
-    mi = re.findall(r"clusters: MI=(-?[0-9.]+) nat \((-?[0-9.]+)% of log K\)", log.read_text())
+    mi = re.findall(CLUSTER_MI_LINE, log.read_text())
     text = f"  pre-training MI between the views' clusters: {mi[-1][0]} nat ({mi[-1][1]} % of log K)" if mi else ""
     health = folder / "cluster_health.jsonl"
     if health.is_file():

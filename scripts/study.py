@@ -51,7 +51,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from scripts.bundle_cli import REPO, bundle_command, run_logged
+from scripts.bundle_cli import CLUSTER_MI_LINE, REPO, bundle_command, run_logged
 from scripts.fire_cli import fire_main
 
 #: method -> (pre-training variant or None, Mean Teacher)
@@ -226,8 +226,8 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _last_mi(log: Path) -> float | None:
-    found = re.findall(r"clusters: MI=(-?[0-9.]+) nat", log.read_text()) if log.is_file() else []
-    return float(found[-1]) if found else None
+    found = re.findall(CLUSTER_MI_LINE, log.read_text()) if log.is_file() else []
+    return float(found[-1][0]) if found else None
 
 
 def _best_validation(log: Path) -> tuple[float, int]:
@@ -545,8 +545,7 @@ def pretraining_curves(folder: Path) -> list[dict[str, Any]]:
     from its log and ``cluster_health.jsonl`` (the majority-vote and one-cluster-per-class matches; None where no
     health figure was scored)."""
     log = folder / "log.txt"
-    found = re.findall(r"epoch (\d+)/\d+: .*?clusters: MI=(-?[0-9.]+) nat \((-?[0-9.]+)% of log K\)",
-                       log.read_text()) if log.is_file() else []
+    found = re.findall(r"epoch (\d+)/\d+: .*?" + CLUSTER_MI_LINE, log.read_text()) if log.is_file() else []
     health = {r["epoch"]: r for r in _read_jsonl(folder / "cluster_health.jsonl")}
     by_epoch = {int(e): (float(mi), float(frac) / 100.0) for e, mi, frac in found}  # a resumed epoch: the last
     return [{"epoch": e, "mi": mi, "mi_fraction": frac, "cluster_dice": health.get(e, {}).get("mean"),
