@@ -24,7 +24,8 @@ What one study does, in order (every step is one ``python -m monai.bundle run ..
 5. **Report**: ``runs.csv`` (one row per run; its ``finetune_s`` is every fine-tune of that seed, so on the first
    seed the whole lr grid's cost), ``results.md`` (the paper's table form: per class and mean, mean +- std
    over seeds; with several foreground classes also their union, ``label > 0``, e.g. the whole prostate gland),
-   ``dice_vs_labeled.png``, ``pretraining.png`` (MI and cluster Dice per pre-training epoch) and ``cluster_maps.png``
+   ``dice_vs_labeled.png`` (with several foreground classes also ``dice_vs_labeled_foreground.png``, their union's
+   Dice), ``pretraining.png`` (MI and cluster Dice per pre-training epoch) and ``cluster_maps.png``
    (each pre-training method's cluster map on the same validation slices, the paper's Figure 2).
 
 Finished steps are skipped (each writes ``done.json`` last), so an interrupted study resumes where it stopped.
@@ -508,7 +509,9 @@ def _mean_std(values: Sequence[float]) -> str:
 
 
 def write_report(out: Path, table: dict[str, Any], labeled: Sequence[int], seeds: Sequence[int]) -> None:
-    """``runs.csv``, ``results.md``, ``dice_vs_labeled.png`` and ``cluster_maps.png`` from the finished runs."""
+    """``runs.csv``, ``results.md``, ``dice_vs_labeled.png`` (and ``dice_vs_labeled_foreground.png`` where several
+    foreground classes have their union scored), ``pretraining.png`` and ``cluster_maps.png`` from the finished
+    runs."""
     rows = collect_rows(out, table, labeled, seeds)
     if not rows:
         print(f"no finished runs under {out} yet.")
@@ -535,6 +538,9 @@ def write_report(out: Path, table: dict[str, Any], labeled: Sequence[int], seeds
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     _plot_dice(out, groups)
+    if whole:  # e.g. the whole prostate gland, the primary figure where the classes are its zones
+        _plot_dice(out, groups, "foreground_dice", "dice_vs_labeled_foreground.png",
+                   "test foreground (label > 0) 3D Dice")
     _plot_pretraining(out, table)
     _plot_clusters(out, table)
     print(f"report: {out / 'runs.csv'}, {out / 'results.md'}, {out / 'dice_vs_labeled.png'}")
@@ -587,25 +593,30 @@ def _plot_pretraining(out: Path, table: dict[str, Any]) -> None:
     plt.close(fig)
 
 
-def _plot_dice(out: Path, groups: dict[tuple[str, int], list[dict]]) -> None:
+def _plot_dice(out: Path, groups: dict[tuple[str, int], list[dict]], key: str = "dice_mean",
+               file_name: str = "dice_vs_labeled.png", label: str = "test mean 3D Dice") -> None:
+    """Test ``key`` (a ``runs.csv`` column) against the labeled-scan count, one line per method: mean ± std over
+    its seeds and a dot per seed, into ``out / file_name``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
+    groups = {k: [r for r in group if r[key] is not None] for k, group in groups.items()}
+    groups = {k: group for k, group in groups.items() if group}
     names = list(dict.fromkeys(k[0] for k in groups))
     for i, name in enumerate(names):
         dodge = 2.0 ** (0.06 * (i - (len(names) - 1) / 2))  # side by side at each count, on the log axis
         ns = sorted(n for m, n in groups if m == name)
         means, stds = [], []
         for n in ns:
-            vals = [r["dice_mean"] for r in groups[(name, n)]]
+            vals = [r[key] for r in groups[(name, n)]]
             mean = sum(vals) / len(vals)
             means.append(mean)
             stds.append(math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0)
         line = ax.errorbar([n * dodge for n in ns], means, yerr=stds, marker="o", capsize=3, label=name)
-        seeds = [r["dice_mean"] for n in ns for r in groups[(name, n)]]
+        seeds = [r[key] for n in ns for r in groups[(name, n)]]
         xs = [n * dodge for n in ns for _ in groups[(name, n)]]
         ax.scatter(xs, seeds, s=10, alpha=0.5, color=line[0].get_color())  # each seed
     counts = sorted({n for _, n in groups})
@@ -614,12 +625,12 @@ def _plot_dice(out: Path, groups: dict[tuple[str, int], list[dict]]) -> None:
     ax.set_xlim(min(counts) / 1.5, max(counts) * 1.5)
     ax.minorticks_off()
     ax.set_xlabel("labeled scans")
-    ax.set_ylabel("test mean 3D Dice")
+    ax.set_ylabel(label)
     ax.set_title("mean ± std over seeds; dots: each seed", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "dice_vs_labeled.png", dpi=120)
+    fig.savefig(out / file_name, dpi=120)
     plt.close(fig)
 
 

@@ -120,6 +120,7 @@ def test_tiny_study_runs_resumes_and_reports(tmp_path, tiny_acdc, capsys):
     assert "foreground (label > 0)" in table
     assert (out / "dice_vs_labeled.png").stat().st_size > 0 and (out / "cluster_maps.png").stat().st_size > 0
     assert (out / "pretraining.png").stat().st_size > 0
+    assert (out / "dice_vs_labeled_foreground.png").stat().st_size > 0  # the union's Dice plotted too
     (curve,) = study_cli.pretraining_curves(out / "pretrain" / "ours")  # one epoch: MI and cluster Dice logged
     assert curve["epoch"] == 1 and curve["mi"] >= 0 and 0.0 <= curve["cluster_dice"] <= 1.0
     assert 0.0 <= curve["cluster_dice_one_to_one"] <= 1.0
