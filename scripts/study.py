@@ -29,7 +29,9 @@ What one study does, in order (every step is one ``python -m monai.bundle run ..
    (each pre-training method's cluster map on the same validation slices, the paper's Figure 2).
 
 Finished steps are skipped (each writes ``done.json`` last), so an interrupted study resumes where it stopped.
-Stopping the study (Ctrl-C, ``kill``) stops the step it runs; a second study started into a folder that a running
+With ``--jobs N`` up to N steps run at once, each as soon as what it needs is done (pre-trainings and scratch
+fine-tunes side by side, an arm's lrs and seeds side by side); the steps are the commands of one job.
+Stopping the study (Ctrl-C, ``kill``) stops every step it runs; a second study started into a folder that a running
 one holds (``study.lock``) is refused before it writes anything.
 
 Methods (``--methods``): ``scratch``, ``ours`` (L_con + L_CC + L_MI), ``iic`` (alpha 0), ``mi_cc`` (no L_con),
@@ -46,13 +48,14 @@ import json
 import math
 import os
 import re
+import threading
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from scripts.bundle_cli import CLUSTER_MI_LINE, REPO, bundle_command, run_logged
+from scripts.bundle_cli import CLUSTER_MI_LINE, REPO, Step, bundle_command, run_concurrently, run_logged
 from scripts.fire_cli import fire_main
 
 #: method -> (pre-training variant or None, Mean Teacher)
@@ -85,6 +88,12 @@ BUDGETS: dict[str, dict[str, Any]] = {
         "finetune": {"epochs": 30, "iterations": 50},
         "mean_teacher": {},
     },
+    "gpu": {  # the paper's network and geometry on one GPU, pre-training ~5 min (configs/gpu.json), fine-tunes 1000
+        # iterations each; scripts/gpu_study.sh runs the main arms with it
+        "pretrain_overlay": ["gpu.json"], "finetune_overlay": [], "common": {}, "pretrain": {},
+        "finetune": {"epochs": 20, "iterations": 50, "warmup_epochs": 1, "num_workers": 4},
+        "mean_teacher": {},
+    },
     "paper": {  # the configs as shipped (the paper's settings; a GPU)
         "pretrain_overlay": [], "finetune_overlay": [], "common": {}, "pretrain": {}, "finetune": {},
         "mean_teacher": {},
@@ -110,17 +119,21 @@ class Study:
         self.extra = extra
         self.datalist = out_dir / "datalist.json"
         self.log = out_dir / "study.log"
+        self._log_lock = threading.Lock()  # steps run side by side (--jobs) append to one study log
 
     # -- one bundle command ------------------------------------------------------------------------------------
     def bundle_run(self, run_id: str, configs: Sequence[str], overrides: dict[str, Any], folder: Path) -> float:
         folder.mkdir(parents=True, exist_ok=True)
         cmd, shown = bundle_command(run_id, configs, overrides)
-        with open(self.log, "a") as fh:
-            fh.write(f"$ python {shown}\n")
+        self.note(f"$ python {shown}")
         seconds = run_logged(cmd, shown, folder / "log.txt", append=True)  # a resumed step keeps its history
-        with open(self.log, "a") as fh:
-            fh.write(f"# done in {seconds:.0f} s\n")
+        self.note(f"# done in {seconds:.0f} s: {os.path.relpath(folder, self.out)}")
         return seconds
+
+    def note(self, line: str) -> None:
+        """Append one line to the study log."""
+        with self._log_lock, open(self.log, "a") as fh:
+            fh.write(line + "\n")
 
     def common(self) -> dict[str, Any]:
         data = {"dataset_dir": self.dataset_dir} if self.dataset_dir else {}
@@ -181,8 +194,7 @@ class Study:
         if record is not None:
             return record
         if done.is_file():  # a score of another fine-tune: replaced, and the study log says so
-            with open(self.log, "a") as fh:
-                fh.write(f"# {folder}: scored again, for {model_dir} (the selected fine-tune changed)\n")
+            self.note(f"# {folder}: scored again, for {model_dir} (the selected fine-tune changed)")
             done.unlink()
         overrides = {**self.common(), **self.budget["finetune"], "ckpt_dir": str(model_dir), "output_dir": str(folder),
                      "save_predictions": False}
@@ -220,6 +232,30 @@ def _claim_folder(out: Path) -> IO[str] | None:
     handle.write(str(os.getpid()))
     handle.flush()
     return handle
+
+
+def _visible_gpus() -> list[str]:
+    """The GPUs a step may be given: ``CUDA_VISIBLE_DEVICES``'s entries where it is set, else torch's count."""
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        return [g.strip() for g in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if g.strip() not in ("", "-1")]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def _step_environment(jobs: int) -> Callable[[int], dict[str, str]]:
+    """The environment of the step in worker slot ``0 .. jobs - 1`` when ``jobs`` steps run at once: the CPU cores
+    shared out as threads (``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS``, unless the user set them) and, where several
+    GPUs are visible, the slot's GPU (``CUDA_VISIBLE_DEVICES``, round robin)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = {} if "OMP_NUM_THREADS" in os.environ else {
+        name: str(max(1, cores // jobs)) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    gpus = _visible_gpus()
+
+    def env(slot: int) -> dict[str, str]:
+        return {**threads, **({"CUDA_VISIBLE_DEVICES": gpus[slot % len(gpus)]} if len(gpus) > 1 else {})}
+
+    return env
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -293,6 +329,7 @@ def study(
     labeled: Sequence[int] = (1,),
     seeds: Sequence[int] = (0, 1, 2),
     budget: str = "cpu",
+    jobs: int = 1,
     lrs: Sequence[float] = (1e-3, 3e-3, 1e-2),
     lr_choice: str = "first_seed",
     alphas: Sequence[float] | None = None,
@@ -322,7 +359,14 @@ def study(
         methods: methods to compare: scratch, ours, iic, mi_cc, con_only, mt_scratch, mt_ours.
         labeled: labeled-scan counts (each must be recorded in the datalist: 1, 2 and 4 are).
         seeds: labeled-subset and fine-tuning seeds (0, 1 and 2 are recorded in a new datalist).
-        budget: named budget: tiny (CI), cpu (2 CPU cores), paper (the configs as shipped; a GPU).
+        budget: named budget: tiny (CI), cpu (2 CPU cores), gpu (the paper's network on one GPU: pre-training
+            about 5 min with ``configs/gpu.json``, fine-tunes of 1000 iterations), paper (the configs as shipped).
+        jobs: steps run at once. A step starts as soon as what it needs is done (a fine-tune its pre-training and,
+            off the lr grid, its first seed's grid; a test score every fine-tune of its arm), so with more than one,
+            scratch fine-tunes run beside a pre-training and an arm's lrs and seeds side by side. Each step then
+            gets the CPU cores divided by ``jobs`` as its threads (``OMP_NUM_THREADS``, unless set) and, where
+            several GPUs are visible, one GPU (round robin; with one GPU every step shares it). The steps are the
+            commands of one job; only their thread count differs, which moves float digits as another machine does.
         lrs: fine-tuning lr grid; per (method, labeled count) the best on validation is used (``lr_choice``).
             The default spans what real cardiac MRI chose: 1e-2 from scratch and with Mean Teacher, 3e-3 for the
             pre-trained fine-tune at 1 and 2 scans, 1e-2 at 4 (docs/results.md).
@@ -353,6 +397,9 @@ def study(
         raise SystemExit(f"unknown budget {budget!r}; available: {', '.join(BUDGETS)}.")
     if lr_choice not in ("first_seed", "mean"):
         raise SystemExit(f"unknown lr_choice {lr_choice!r}; available: first_seed, mean.")
+    if int(jobs) < 1:
+        raise SystemExit(f"jobs must be at least 1, got {jobs}.")
+    jobs = int(jobs)
     out = Path(out_dir) if Path(out_dir).is_absolute() else REPO / out_dir
     out.mkdir(parents=True, exist_ok=True)
     lock = None if report_only else _claim_folder(out)  # noqa: F841 (held while this call runs)
@@ -419,44 +466,87 @@ def study(
         took = "skipped (done)" if seconds is None else f"{seconds:.0f} s"
         print(f"[{step}/{total}] {what}: {took}; study {elapsed / 60:.1f} min", flush=True)
 
-    weights: dict[str, dict[str, Any]] = {}
-    for key, (variant, settings) in pretrainings.items():
-        fresh = not (out / "pretrain" / key / "done.json").is_file()
-        weights[key] = runner.pretrain(key, variant, settings)
-        health = weights[key].get("health") or {}
-        note = f" (MI {weights[key].get('mi')}, cluster Dice {health.get('mean', float('nan')):.3f})"
-        progress(f"pre-train {key}{note}", weights[key]["seconds"] if fresh else None)
+    def starting(what: str) -> None:  # with several steps at once, a line when each starts too
+        if jobs > 1:
+            print(f"  started: {what}; study {(time.perf_counter() - started) / 60:.1f} min", flush=True)
 
+    # what the steps share; written only by their finish callbacks, in this thread
+    weights: dict[str, dict[str, Any]] = {}
     chosen: dict[tuple[str, int], float] = {}
     tuned: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
-    for name, n, seed, lr in finetunes:
+    planned: dict[tuple[str, int], int] = defaultdict(int)  # fine-tunes per arm: its test scores wait for all
+    for name, n, _, _ in finetunes:
+        planned[(name, n)] += 1
+
+    def pretrain_step(key: str, variant: str, settings: dict[str, Any]) -> Step:
+        def work() -> tuple[dict[str, Any], bool]:
+            fresh = not (out / "pretrain" / key / "done.json").is_file()
+            if fresh:
+                starting(f"pre-train {key}")
+            return runner.pretrain(key, variant, settings), fresh
+
+        def finish(result: tuple[dict[str, Any], bool]) -> None:
+            record, fresh = result
+            weights[key] = record
+            health = record.get("health") or {}
+            note = f" (MI {record.get('mi')}, cluster Dice {health.get('mean', float('nan')):.3f})"
+            progress(f"pre-train {key}{note}", record["seconds"] if fresh else None)
+
+        return Step(lambda: True, work, finish)
+
+    def finetune_step(name: str, n: int, seed: int, grid_lr: float | None) -> Step:
         variant, mt, settings = table[name]
-        init = weights[_pretrain_key(variant, settings)]["weights"] if variant else None
-        if lr is None:
-            lr = chosen[(name, n)]
-        folder = out / "finetune" / _slug(name) / f"n{n}" / f"seed{seed}" / f"lr{lr:g}"
-        fresh = not (folder / "done.json").is_file()
-        record = runner.finetune(folder, mt, init, n, seed, lr)
-        progress(f"fine-tune {name} n={n} seed={seed} lr={lr:g} (val Dice {record['val_dice']:.3f})",
-                 record["seconds"] if fresh else None)
-        tuned[(name, n)].append({**record, "folder": str(folder), "seed": seed})
-        if seed == seed_list[0]:
-            chosen[(name, n)] = select_best([r for r in tuned[(name, n)] if r["seed"] == seed])["lr"]
+        key = _pretrain_key(variant, settings) if variant else None
 
-    # every seed is scored at its arm's one lr: the first seed's best, or the best mean over the seeds
-    results: dict[tuple[str, int, int], dict[str, Any]] = {}
-    for (name, n), records in tuned.items():
-        lr = select_lr_by_mean(records) if lr_choice == "mean" else chosen[(name, n)]
-        results.update({(name, n, r["seed"]): r for r in records if r["lr"] == lr})
+        def ready() -> bool:  # its pre-training finished; off the grid, the first seed's lr chosen
+            return (key is None or key in weights) and (grid_lr is not None or (name, n) in chosen)
 
-    for (name, n, seed), record in results.items():
-        folder = out / "evaluate" / _slug(name) / f"n{n}" / f"seed{seed}"
-        model_dir = Path(record["folder"]) / "models"
-        fresh = runner.scored(folder, model_dir) is None
-        ev = runner.evaluate(folder, model_dir)
-        dice = ev["summary"]["dice"]["mean"]
-        progress(f"evaluate {name} n={n} seed={seed} on the test split (3D Dice {dice:.3f})",
-                 ev["seconds"] if fresh else None)
+        def work() -> tuple[dict[str, Any], Path, bool]:
+            lr = grid_lr if grid_lr is not None else chosen[(name, n)]
+            folder = out / "finetune" / _slug(name) / f"n{n}" / f"seed{seed}" / f"lr{lr:g}"
+            fresh = not (folder / "done.json").is_file()
+            if fresh:
+                starting(f"fine-tune {name} n={n} seed={seed} lr={lr:g}")
+            return runner.finetune(folder, mt, weights[key]["weights"] if key else None, n, seed, lr), folder, fresh
+
+        def finish(result: tuple[dict[str, Any], Path, bool]) -> None:
+            record, folder, fresh = result
+            progress(f"fine-tune {name} n={n} seed={seed} lr={record['lr']:g} (val Dice {record['val_dice']:.3f})",
+                     record["seconds"] if fresh else None)
+            tuned[(name, n)].append({**record, "folder": str(folder), "seed": seed})
+            first = [r for r in tuned[(name, n)] if r["seed"] == seed_list[0]]
+            if seed == seed_list[0] and len(first) == len(lr_grid):  # the first seed's whole grid: its choice
+                chosen[(name, n)] = select_best(first)["lr"]
+
+        return Step(ready, work, finish)
+
+    def evaluate_step(name: str, n: int, seed: int) -> Step:
+        # every seed is scored at its arm's one lr: the first seed's best, or the best mean over the seeds
+        def ready() -> bool:
+            return len(tuned[(name, n)]) == planned[(name, n)]
+
+        def work() -> tuple[dict[str, Any], bool]:
+            records = tuned[(name, n)]
+            lr = select_lr_by_mean(records) if lr_choice == "mean" else chosen[(name, n)]
+            (record,) = [r for r in records if r["seed"] == seed and r["lr"] == lr]
+            folder = out / "evaluate" / _slug(name) / f"n{n}" / f"seed{seed}"
+            model_dir = Path(record["folder"]) / "models"
+            fresh = runner.scored(folder, model_dir) is None
+            if fresh:
+                starting(f"evaluate {name} n={n} seed={seed}")
+            return runner.evaluate(folder, model_dir), fresh
+
+        def finish(result: tuple[dict[str, Any], bool]) -> None:
+            ev, fresh = result
+            progress(f"evaluate {name} n={n} seed={seed} on the test split (3D Dice "
+                     f"{ev['summary']['dice']['mean']:.3f})", ev["seconds"] if fresh else None)
+
+        return Step(ready, work, finish)
+
+    steps = [pretrain_step(key, variant, settings) for key, (variant, settings) in pretrainings.items()]
+    steps += [finetune_step(*f) for f in finetunes]
+    steps += [evaluate_step(name, n, seed) for name in table for n in labeled_counts for seed in seed_list]
+    run_concurrently(steps, jobs, step_env=_step_environment(jobs) if jobs > 1 else None)
     write_report(out, table, labeled_counts, seed_list)
 
 

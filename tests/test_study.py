@@ -90,10 +90,81 @@ def test_lr_choice_mean_scores_every_seed_at_the_lr_best_on_average(tmp_path, mo
     assert scored == ["finetune/scratch/n1/seed0/lr0.001/models", "finetune/scratch/n1/seed1/lr0.001/models"]
 
 
+def _fake_steps(monkeypatch, tmp_path: Path, log: list[tuple[str, str, float]]) -> None:
+    """Study steps that only record when they start and end: pre-training 1 s, fine-tunes and scores 0.05 s."""
+    val = {0.001: 0.4, 0.002: 0.6}  # every arm and seed prefers 2e-3
+
+    def timed(what: str, seconds: float) -> None:
+        log.append(("start", what, time.perf_counter()))
+        time.sleep(seconds)
+        log.append(("end", what, time.perf_counter()))
+
+    def pretrain(self, key, variant, settings):
+        timed(f"pretrain {key}", 1.0)
+        return {"weights": "w.pt", "seconds": 1.0, "health": None, "mi": 1.0}
+
+    def finetune(self, folder, mean_teacher, weights, labeled, seed, lr):
+        timed(Path(folder).relative_to(self.out).as_posix(), 0.05)
+        return {"lr": lr, "val_dice": val[lr] - 0.01 * seed, "best_epoch": 1, "seconds": 0.05}
+
+    def evaluate(self, folder, model_dir):
+        timed("score " + Path(model_dir).relative_to(self.out).as_posix(), 0.05)
+        return {"seconds": 0.05, "summary": {"dice": {"mean": 0.5}}}
+
+    monkeypatch.setattr(study_cli.Study, "pretrain", pretrain)
+    monkeypatch.setattr(study_cli.Study, "finetune", finetune)
+    monkeypatch.setattr(study_cli.Study, "evaluate", evaluate)
+    monkeypatch.setattr(study_cli.Study, "scored", lambda self, folder, model_dir: None)
+    monkeypatch.setattr(study_cli, "write_report", lambda *args: None)
+    (tmp_path / "datalist.json").write_text("{}")  # an existing study datalist: no data prepared
+
+
+def test_jobs_run_independent_steps_side_by_side_with_the_same_steps_and_choices(tmp_path, monkeypatch, capsys):
+    args = dict(methods=["scratch", "ours"], labeled=[1], seeds=[0, 1], lrs=[1e-3, 2e-3], budget="tiny")
+    logs: dict[int, list[tuple[str, str, float]]] = {}
+    for jobs in (1, 3):
+        out = tmp_path / f"jobs{jobs}"
+        out.mkdir()
+        logs[jobs] = []
+        _fake_steps(monkeypatch, out, logs[jobs])
+        study_cli.study(out_dir=str(out), jobs=jobs, **args)
+        assert "[11/11]" in capsys.readouterr().out  # 1 pre-training, 2 x (2 lrs + 1 seed) fine-tunes, 4 scores
+    steps = {jobs: [what for kind, what, _ in log if kind == "start"] for jobs, log in logs.items()}
+    assert sorted(steps[1]) == sorted(steps[3])  # the same steps: the same lr chosen, the same models scored
+    assert "score finetune/ours/n1/seed1/lr0.002/models" in steps[3]
+    assert steps[1][0] == "pretrain ours" and steps[1][1] == "finetune/scratch/n1/seed0/lr0.001"  # one job: in order
+
+    def at(jobs: int, kind: str, what: str) -> float:
+        return next(t for k, w, t in logs[jobs] if k == kind and w == what)
+
+    # three jobs: scratch's grid runs beside the pre-training; ours' fine-tunes wait for it
+    assert at(3, "start", "finetune/scratch/n1/seed0/lr0.001") < at(3, "end", "pretrain ours")
+    assert at(3, "start", "finetune/ours/n1/seed0/lr0.001") > at(3, "end", "pretrain ours")
+    # the other seed waits for the first seed's whole grid, a score for every fine-tune of its arm
+    assert at(3, "start", "finetune/scratch/n1/seed1/lr0.002") > at(3, "end", "finetune/scratch/n1/seed0/lr0.002")
+    assert at(3, "start", "score finetune/scratch/n1/seed0/lr0.002/models") > at(
+        3, "end", "finetune/scratch/n1/seed1/lr0.002")
+    with pytest.raises(SystemExit, match="jobs must be at least 1, got 0"):
+        study_cli.study(out_dir=str(tmp_path / "z"), jobs=0, dry_run=True)
+    assert not (tmp_path / "z").exists()
+
+
+def test_each_step_of_several_gets_its_share_of_the_cores_and_one_gpu(monkeypatch):
+    monkeypatch.setattr(study_cli.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    env = study_cli._step_environment(4)
+    assert env(0) == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": "2"}
+    assert env(1)["CUDA_VISIBLE_DEVICES"] == "3" and env(2)["CUDA_VISIBLE_DEVICES"] == "2"  # round robin
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice stands
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # one GPU: every step shares it, nothing to set
+    assert study_cli._step_environment(16)(5) == {}
+
+
 def test_tiny_study_runs_resumes_and_reports(tmp_path, tiny_acdc, capsys):
     out = tmp_path / "study"
     args = dict(out_dir=str(out), dataset_dir=str(tiny_acdc), methods=["scratch", "mt_ours"], labeled=[1],
-                seeds=[0, 1], lrs=[1e-3, 2e-3], budget="tiny",
+                seeds=[0, 1], lrs=[1e-3, 2e-3], budget="tiny", jobs=2,
                 label_names=["background", "right ventricle", "myocardium", "left ventricle"])
     study_cli.study(**args)
     printed = capsys.readouterr().out
