@@ -90,3 +90,12 @@ def test_fire_spellings_workflow_arguments_and_the_separator() -> None:
     tracked = _argv("--config_file", config, "--tracking", "mlflow", "--is_not_rank0", "true")
     assert unknown_override_ids(tracked) == []
 
+
+
+@pytest.mark.parametrize("overlay,base", [("quick.json", "pretrain.json"), ("gpu.json", "pretrain.json"),
+                                          ("quick_finetune.json", "train.json")])
+def test_every_id_an_overlay_sets_exists_in_the_config_it_overlays(overlay: str, base: str) -> None:
+    # a misspelt id in an overlay would be merged in as a new, unused setting: no budget may hold one
+    ids = [k for k in json.loads((REPO / "configs" / overlay).read_text()) if not k.startswith("_desc_")]
+    argv = _argv("training", "--config_file", str(REPO / "configs" / base), *[a for k in ids for a in (f"--{k}", "1")])
+    assert ids and unknown_override_ids(argv) == []
