@@ -627,13 +627,12 @@ def write_report(out: Path, table: dict[str, Any], labeled: Sequence[int], seeds
                      + (f" {_mean_std([r['foreground_dice'] for r in group])} |" if whole else ""))
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    _plot_dice(out, groups)
+    written = [out / "runs.csv", out / "results.md", _plot_dice(out, groups)]
     if whole:  # e.g. the whole prostate gland, the primary figure where the classes are its zones
-        _plot_dice(out, groups, "foreground_dice", "dice_vs_labeled_foreground.png",
-                   "test foreground (label > 0) 3D Dice")
-    _plot_pretraining(out, table)
-    _plot_clusters(out, table)
-    print(f"report: {out / 'runs.csv'}, {out / 'results.md'}, {out / 'dice_vs_labeled.png'}")
+        written.append(_plot_dice(out, groups, "foreground_dice", "dice_vs_labeled_foreground.png",
+                                  "test foreground (label > 0) 3D Dice"))
+    written += [_plot_pretraining(out, table), _plot_clusters(out, table)]
+    print("report: " + ", ".join(str(path) for path in written if path is not None))
 
 
 def pretraining_curves(folder: Path) -> list[dict[str, Any]]:
@@ -649,8 +648,9 @@ def pretraining_curves(folder: Path) -> list[dict[str, Any]]:
             for e, (mi, frac) in sorted(by_epoch.items())]
 
 
-def _plot_pretraining(out: Path, table: dict[str, Any]) -> None:
-    """MI (nats) and cluster Dice per epoch of every pre-training: does it learn, and how fast."""
+def _plot_pretraining(out: Path, table: dict[str, Any]) -> Path | None:
+    """MI (nats) and cluster Dice per epoch of every pre-training: does it learn, and how fast. Returns the file
+    written (None without a pre-training log)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -660,7 +660,7 @@ def _plot_pretraining(out: Path, table: dict[str, Any]) -> None:
     curves = {k: pretraining_curves(out / "pretrain" / k) for k in keys}
     curves = {k: c for k, c in curves.items() if c}
     if not curves:
-        return
+        return None
     fig, (ax_mi, ax_dice) = plt.subplots(1, 2, figsize=(9, 3.6))
     for key, rows in curves.items():
         ax_mi.plot([r["epoch"] for r in rows], [r["mi"] for r in rows], marker=".", label=key)
@@ -681,12 +681,13 @@ def _plot_pretraining(out: Path, table: dict[str, Any]) -> None:
     fig.tight_layout()
     fig.savefig(out / "pretraining.png", dpi=120)
     plt.close(fig)
+    return out / "pretraining.png"
 
 
 def _plot_dice(out: Path, groups: dict[tuple[str, int], list[dict]], key: str = "dice_mean",
-               file_name: str = "dice_vs_labeled.png", label: str = "test mean 3D Dice") -> None:
+               file_name: str = "dice_vs_labeled.png", label: str = "test mean 3D Dice") -> Path:
     """Test ``key`` (a ``runs.csv`` column) against the labeled-scan count, one line per method: mean ± std over
-    its seeds and a dot per seed, into ``out / file_name``."""
+    its seeds and a dot per seed, into ``out / file_name`` (returned)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -722,10 +723,12 @@ def _plot_dice(out: Path, groups: dict[tuple[str, int], list[dict]], key: str = 
     fig.tight_layout()
     fig.savefig(out / file_name, dpi=120)
     plt.close(fig)
+    return out / file_name
 
 
-def _plot_clusters(out: Path, table: dict[str, Any], num_slices: int = 3) -> None:
-    """Cluster map (head 0) of each pre-training method on the same validation slices, beside the image."""
+def _plot_clusters(out: Path, table: dict[str, Any], num_slices: int = 3) -> Path | None:
+    """Cluster map (head 0) of each pre-training method on the same validation slices, beside the image. Returns the
+    file written (None without pre-trained weights or validation scans)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -739,7 +742,7 @@ def _plot_clusters(out: Path, table: dict[str, Any], num_slices: int = 3) -> Non
     states = {k: out / "pretrain" / k / "trainer_state.pt" for k in keys}
     states = {k: p for k, p in states.items() if p.is_file()}
     if not states:
-        return
+        return None
     study = json.loads((out / "study.json").read_text())
 
     def parser_for(settings: dict[str, Any]) -> ConfigParser:
@@ -756,7 +759,7 @@ def _plot_clusters(out: Path, table: dict[str, Any], num_slices: int = 3) -> Non
     parser = parser_for({})
     volumes = parser.get_parsed_content("health#dataset")
     if len(volumes) == 0:
-        return
+        return None
     volume = volumes[0]
     depth = volume["image"].shape[-1]
     picks = [round(depth * f) for f in (0.3, 0.5, 0.7)][:num_slices]
@@ -787,6 +790,7 @@ def _plot_clusters(out: Path, table: dict[str, Any], num_slices: int = 3) -> Non
     fig.tight_layout()
     fig.savefig(out / "cluster_maps.png", dpi=110)
     plt.close(fig)
+    return out / "cluster_maps.png"
 
 
 if __name__ == "__main__":

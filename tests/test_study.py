@@ -169,6 +169,10 @@ def test_tiny_study_runs_resumes_and_reports(tmp_path, tiny_acdc, capsys):
     study_cli.study(**args)
     printed = capsys.readouterr().out
     assert "[11/11]" in printed  # 1 pre-training, 2 x 2 lrs on seed 0 + 2 on seed 1, 4 evaluations
+    assert "started: pre-train ours" in printed  # two jobs: a line when each step starts too
+    report = printed.split("report: ")[-1]  # the last line names every file the report wrote
+    assert all(f in report for f in ("runs.csv", "results.md", "dice_vs_labeled.png",
+                                     "dice_vs_labeled_foreground.png", "pretraining.png", "cluster_maps.png"))
 
     rows = list(csv.DictReader(open(out / "runs.csv")))
     assert [(r["method"], r["seed"]) for r in rows] == [("scratch", "0"), ("scratch", "1"), ("mt_ours", "0"),
