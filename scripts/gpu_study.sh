@@ -48,8 +48,10 @@ fi
 rc=${PIPESTATUS[0]}
 echo "study: exit $rc after $((SECONDS - start)) s" | tee -a "$OUT/study_output.txt"
 
-# the report of whatever has finished (a study stopped by LIMIT draws none itself)
-"$PY" -m scripts.study "${args[@]}" --report_only True >>"$OUT/study_output.txt" 2>&1
+# a study stopped by LIMIT (or a failed step) draws no report itself: the report of whatever has finished
+if [ "$rc" -ne 0 ]; then
+    "$PY" -m scripts.study "${args[@]}" --report_only True >>"$OUT/study_output.txt" 2>&1
+fi
 for f in results.md runs.csv pretraining.png study.log; do
     [ -f "$STUDY/$f" ] && cp "$STUDY/$f" "$OUT/"
 done

@@ -397,9 +397,9 @@ def study(
         raise SystemExit(f"unknown budget {budget!r}; available: {', '.join(BUDGETS)}.")
     if lr_choice not in ("first_seed", "mean"):
         raise SystemExit(f"unknown lr_choice {lr_choice!r}; available: first_seed, mean.")
-    if int(jobs) < 1:
-        raise SystemExit(f"jobs must be at least 1, got {jobs}.")
     jobs = int(jobs)
+    if jobs < 1:
+        raise SystemExit(f"jobs must be at least 1, got {jobs}.")
     out = Path(out_dir) if Path(out_dir).is_absolute() else REPO / out_dir
     out.mkdir(parents=True, exist_ok=True)
     lock = None if report_only else _claim_folder(out)  # noqa: F841 (held while this call runs)
